@@ -1,0 +1,326 @@
+"""The policy, parsed once into frozen records.
+
+`load.py` is the only code that sees the YAML dicts; everything after it (matching, the pipeline, the
+admin API) works on these objects. Durations are float seconds, sizes are int bytes, and every optional
+feature of a route is either a record or ``None`` (feature off). Built once per policy load, never
+mutated, so a request keeps the policy it started with across a reload.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+ListenerMode = Literal["proxy", "reverse", "transparent"]
+Unmatched = Literal["passthrough", "deny"]
+
+# Outcome names usable in `retry.when`, `fallback.when` and `queue.when`, beside status codes and the
+# classes `5xx` / `4xx` / `gateway-error` (502, 503, 504).
+OUTCOME_NAMES = frozenset({
+    "connect-failure", "reset", "timeout", "breaker-open", "retries-exhausted", "concurrency-full",
+    "rate-limited", "5xx", "4xx", "gateway-error", "upstream-unhealthy", "protocol-error",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class JsonCondition:
+    """`{json: "error.type", equals: "overloaded_error"}`: a dotted path into a JSON response body."""
+    path: tuple[str, ...]
+    equals: object
+
+
+@dataclass(frozen=True, slots=True)
+class Conditions:
+    """A parsed `when:` list: named outcomes, exact statuses and status classes."""
+    names: frozenset[str] = frozenset()
+    statuses: frozenset[int] = frozenset()
+    json: tuple[JsonCondition, ...] = ()
+
+    def matches_status(self, status: int) -> bool:
+        if status in self.statuses:
+            return True
+        if status >= 500 and "5xx" in self.names:
+            return True
+        if 400 <= status < 500 and "4xx" in self.names:
+            return True
+        return status in (502, 503, 504) and "gateway-error" in self.names
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    mode: ListenerMode
+    port: int
+    bind: str = "127.0.0.1"
+    upstream: str | None = None          # reverse mode only
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    bind: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class TracesConfig:
+    endpoint: str | None = None
+    protocol: str = "grpc"               # grpc | http/protobuf
+    sample_ratio: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    service_name: str = "sidecar"
+    traces: TracesConfig = field(default_factory=TracesConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str
+    interval: float = 5.0
+    timeout: float = 1.0
+    unhealthy_after: int = 2
+    healthy_after: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: str | None = None           # extra CA bundle for the upstream's certificate
+    verify: bool = True
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str                             # as written, ${VAR} expanded
+    scheme: str                          # http | https
+    host: str
+    port: int
+    base_path: str = ""                  # path prefix of `url`, without trailing slash
+    connect_timeout: float = 2.0
+    max_connections: int = 100
+    headers: tuple[tuple[str, str], ...] = ()   # set on every request to this upstream (values may be secrets)
+    health_check: HealthCheck | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPolicy:
+    ratio: float = 0.2
+    min_per_second: float = 10.0
+    window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    base: float = 0.025
+    max: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_retries: int = 2
+    when: Conditions = Conditions(names=frozenset({"connect-failure", "reset"}),
+                                  statuses=frozenset({502, 503, 504}))
+    methods: frozenset[str] | None = None     # None: idempotent methods (+ Idempotency-Key)
+    backoff: BackoffPolicy = BackoffPolicy()
+    respect_retry_after: bool = True
+    max_body: int = 64 * 1024
+    budget: BudgetPolicy | None = BudgetPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class SlowCall:
+    duration: float
+    rate: float
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    consecutive_failures: int | None = 5
+    failure_rate: float | None = None
+    min_requests: int = 20
+    window: float = 30.0
+    slow_call: SlowCall | None = None
+    open_for: float = 30.0
+    max_open_for: float = 300.0
+    half_open_requests: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyPolicy:
+    max: int
+
+
+@dataclass(frozen=True, slots=True)
+class HedgePolicy:
+    delay: float
+    max_extra: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WarmPath:
+    path: str
+    every: float
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    ttl: float = 60.0
+    stale_if_error: float = 0.0
+    stale_while_revalidate: float = 0.0
+    key: tuple[str, ...] = ("method", "url")     # method | url | body | header:NAME
+    statuses: frozenset[int] = frozenset({200})
+    max_entries: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024
+    max_body: int = 1024 * 1024
+    store: str = "memory"                         # memory | redis://host:port/db
+    warm: tuple[WarmPath, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JsonMap:
+    """`json_map: {model: {gpt-4o: backup-large, "*": backup-small}}` for one (dotted) field."""
+    path: tuple[str, ...]
+    mapping: tuple[tuple[str, object], ...]
+    default: object | None = None
+    has_default: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    path: str | None = None
+    set_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    json_map: tuple[JsonMap, ...] = ()
+    json_set: tuple[tuple[tuple[str, ...], object], ...] = ()
+
+    @property
+    def touches_body(self) -> bool:
+        return bool(self.json_map or self.json_set)
+
+
+@dataclass(frozen=True, slots=True)
+class StaticResponse:
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    content_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackTarget:
+    kind: Literal["upstream", "cache", "static"]
+    upstream: str | None = None
+    rewrite: Rewrite | None = None
+    static: StaticResponse | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "upstream":
+            return f"upstream:{self.upstream}"
+        return "cache:stale" if self.kind == "cache" else "static"
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackPolicy:
+    when: Conditions
+    targets: tuple[FallbackTarget, ...]
+    hedge: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    when: Conditions
+    max_items: int = 10_000
+    max_age: float = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class FaultAbort:
+    status: int
+    percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDelay:
+    duration: float
+    percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPolicy:
+    abort: FaultAbort | None = None
+    delay: FaultDelay | None = None
+    header: tuple[str, str | None] | None = None   # only requests carrying this header (and value, if set)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str                              # lower-case
+    exact: str | None = None
+    regex: re.Pattern[str] | None = None
+    present: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    host: str | None = None                # exact (lower-case) or "*.suffix"
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: re.Pattern[str] | None = None
+    methods: frozenset[str] | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    match: Match = Match()
+    upstream: str | None = None            # None: the request's original destination
+    timeout: float = 15.0
+    per_try_timeout: float | None = None
+    retry: RetryPolicy | None = None
+    breaker: BreakerPolicy | None = None
+    concurrency: ConcurrencyPolicy | None = None
+    hedge: HedgePolicy | None = None
+    cache: CachePolicy | None = None
+    fallback: FallbackPolicy | None = None
+    queue: QueuePolicy | None = None
+    mode: Literal["enforce", "shadow"] = "enforce"
+    fault: FaultPolicy | None = None
+    rate_limit: RateLimitPolicy | None = None
+    allow_internal: bool = False           # proxy mode: may reach link-local / the sidecar's own ports
+    line: int = 0                          # where the route starts in the policy file
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    version: int
+    listeners: tuple[Listener, ...]
+    admin: Endpoint
+    health: Endpoint
+    telemetry: Telemetry
+    unmatched: Unmatched
+    upstreams: dict[str, Upstream]         # not mutated after load
+    defaults: Route                        # the policy for passthrough (unmatched) requests
+    routes: tuple[Route, ...]
+    state_dir: str
+    source: str                            # the file it came from
+    digest: str                            # short content hash: the policy version on spans and /status
+    redacted: dict                         # the effective policy as plain data, secrets replaced, for /config
+    secrets: tuple[str, ...] = ()          # every expanded ${VAR} value, for log/trace scrubbing

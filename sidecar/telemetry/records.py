@@ -1,0 +1,87 @@
+"""What the data plane hands to telemetry when a request finishes: plain frozen records.
+
+The hot path never touches OpenTelemetry. It notes timestamps and ids in these records; a sink turns a
+finished request into spans only when it is sampled or degraded (so every degraded request is exported
+and a healthy unsampled one costs almost nothing). Span ids are chosen up front so `traceparent` can be
+injected into each try before its span exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sidecar.core.decisions import DecisionRecord
+
+
+@dataclass(slots=True)
+class TryRecord:
+    """One physical attempt to an upstream (retries, hedges and fallback calls each get one)."""
+    span_id: str                           # 16 hex digits
+    upstream: str                          # upstream name, or the original destination host:port
+    method: str
+    url: str                               # full URL with credentials already redacted
+    server_address: str
+    server_port: int
+    start_ns: int
+    resend_count: int = 0                  # 0 for the first try of this target
+    end_ns: int = 0
+    status: int | None = None
+    error_type: str | None = None          # connect-failure | reset | timeout | protocol-error | 5xx code
+    fallback_target: str | None = None     # set for calls made by the fallback chain
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One proxied request, from the app's first byte to the last byte sent back."""
+    trace_id: str                          # 32 hex digits: the caller's, or new
+    span_id: str                           # this request's span
+    parent_span_id: str | None             # the caller's span, from traceparent
+    caller_sampled: bool
+    tracestate: str | None
+    route: str
+    upstream: str | None                   # who answered (upstream name, "cache", "static", "queue")
+    method: str
+    url: str                               # redacted
+    listener: str
+    policy_version: str
+    start_ns: int
+    end_ns: int = 0
+    status: int = 0
+    error_type: str | None = None
+    attempts: int = 0
+    tries: list[TryRecord] = field(default_factory=list)
+    decisions: list[DecisionRecord] = field(default_factory=list)
+    decision_ns: list[int] = field(default_factory=list)   # time of each decision, same order
+
+
+class TelemetrySink(Protocol):
+    """Implemented by the OpenTelemetry exporter, the Prometheus metrics and the admin event feed."""
+
+    def decision(self, record: DecisionRecord) -> None: ...
+
+    def request_finished(self, record: RequestRecord) -> None: ...
+
+
+class FanoutSink:
+    """Hands every record to each sink in turn; a failing sink never fails the request."""
+
+    __slots__ = ("sinks", "_log")
+
+    def __init__(self, sinks: list[TelemetrySink]) -> None:
+        import logging
+        self.sinks = list(sinks)
+        self._log = logging.getLogger("sidecar.telemetry")
+
+    def decision(self, record: DecisionRecord) -> None:
+        for sink in self.sinks:
+            try:
+                sink.decision(record)
+            except Exception:  # noqa: BLE001 - telemetry must never break the data plane
+                self._log.exception("telemetry sink %r failed on a decision", sink)
+
+    def request_finished(self, record: RequestRecord) -> None:
+        for sink in self.sinks:
+            try:
+                sink.request_finished(record)
+            except Exception:  # noqa: BLE001
+                self._log.exception("telemetry sink %r failed on a request", sink)
