@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     inj.add_argument("--image", default=os.environ.get("SIDECAR_IMAGE", "ghcr.io/sidecar/sidecar:0.1.0"))
     inj.add_argument("--transparent", action="store_true", help="add the iptables init container")
     inj.add_argument("--configmap", default="sidecar-policy", help="name of the policy ConfigMap")
+    inj.add_argument("--otlp-endpoint", help="set OTEL_EXPORTER_OTLP_ENDPOINT on the sidecar (default: the policy's)")
+    inj.add_argument("--exclude-port", type=int, action="append", default=[],
+                     help="transparent mode: outbound TCP port never redirected (repeatable)")
 
     ipt = sub.add_parser("iptables", help="install transparent-mode nat rules (init container)")
     ipt.add_argument("--proxy-port", type=int, default=15006)
@@ -44,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     ipt.add_argument("--exclude-port", type=int, action="append", default=[])
     ipt.add_argument("--dry-run", action="store_true", help="print the commands, change nothing")
     ipt.add_argument("--clean", action="store_true", help="remove the rules instead")
+    ipt.add_argument("--iptables", default="iptables", help="iptables binary (e.g. iptables-legacy)")
 
     demo = sub.add_parser("demo", help="a self-contained demo on loopback")
     demo.add_argument("--requests", type=int, default=200)

@@ -1,0 +1,67 @@
+"""Breaker layer: one circuit breaker per (route, target upstream), and the upstream's active health.
+
+An unhealthy upstream (failing its health checks) or an open breaker rejects at once, without touching
+the network, so the fallback chain answers in microseconds. Success is decided when the body has reached
+the app whole: a stream cut mid-way counts as a failure (SPEC "What the application sees").
+"""
+from __future__ import annotations
+
+from sidecar.core.decisions import Decision
+from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+from sidecar.transport.errors import UpstreamFailure
+
+_TRANSITION_DECISION = {
+    "open": Decision.BREAKER_OPENED,
+    "half_open": Decision.BREAKER_HALF_OPEN,
+    "closed": Decision.BREAKER_CLOSED,
+}
+
+
+def note_transition(ex: Exchange, target: str, transition) -> None:
+    if transition is None:
+        return
+    new = transition.new.value if hasattr(transition.new, "value") else str(transition.new)
+    ex.decide(_TRANSITION_DECISION[new], transition.reason, upstream=target, breaker_state=new)
+
+
+async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
+    health = ex.runtime.health.get(call.name)
+    if health is not None and not health.healthy:
+        ex.decide(Decision.UPSTREAM_UNHEALTHY, "failing its active health check", upstream=call.name,
+                  breaker_state="open")
+        if ex.enforce:
+            raise Degraded("breaker-open", f"upstream {call.name} is unhealthy", upstream=call.name)
+    breaker = ex.state.breaker(call.name)
+    if breaker is None:
+        return await next(ex, call)
+    admitted, transition = breaker.admit()
+    note_transition(ex, call.name, transition)
+    if not admitted:
+        ex.decide(Decision.BREAKER_OPEN, "circuit open: rejected without calling the upstream",
+                  upstream=call.name, breaker_state=breaker.state.value)
+        if ex.enforce:
+            raise Degraded("breaker-open", f"circuit breaker for {call.name} is open", upstream=call.name)
+        return await next(ex, call)
+    clock = ex.runtime.clock
+    started = clock.monotonic()
+    try:
+        reply = await next(ex, call)
+    except UpstreamFailure:
+        note_transition(ex, call.name, breaker.record(False, clock.monotonic() - started))
+        raise
+    except BaseException:
+        breaker.release()                    # cancelled (a losing hedge) or no outcome: not counted
+        raise
+    elapsed = clock.monotonic() - started
+    if reply.status >= 500:
+        note_transition(ex, call.name, breaker.record(False, elapsed))
+    else:
+        def _done(ok: bool | None) -> None:
+            if ok is None:
+                breaker.release()
+            else:
+                note_transition(ex, call.name, breaker.record(ok, elapsed))
+        reply.on_done.append(_done)
+    return reply
+
+

@@ -1,0 +1,52 @@
+"""The route's stack, written down once, outermost first (linkerd2-proxy's route.rs style).
+
+A request enters at the top; each layer may answer, degrade (raise `Degraded`) or pass it on. Only the
+layers a route configures are composed, once per policy load, so an unused feature costs nothing.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Awaitable, Callable
+
+from sidecar.pipeline.breaker import breaker_layer
+from sidecar.pipeline.exchange import Call, Exchange, Reply
+from sidecar.pipeline.fallback import fallback_layer
+from sidecar.pipeline.guards import concurrency_layer, fault_layer, rate_limit_layer
+from sidecar.pipeline.hedge import hedge_layer
+from sidecar.pipeline.retry import retry_layer
+from sidecar.pipeline.send import send
+from sidecar.policy.model import Route
+
+Handler = Callable[[Exchange, Call], Awaitable[Reply]]
+
+
+def _cache_layer():
+    from sidecar.pipeline.cache import cache_layer
+    return cache_layer
+
+
+def layers_for(route: Route) -> list:
+    stack = []
+    if route.cache is not None:
+        stack.append(_cache_layer())         # a fresh hit answers here; misses coalesce; answers are stored
+    if route.fallback is not None or route.queue is not None:
+        stack.append(fallback_layer)         # primary failed: queue the write, or walk the targets
+    if route.rate_limit is not None:
+        stack.append(rate_limit_layer)       # token bucket: 429 (or the fallback chain)
+    if route.concurrency is not None:
+        stack.append(concurrency_layer)      # over the limit: concurrency_full at once, no queueing
+    if route.fault is not None:
+        stack.append(fault_layer)            # rehearsed outages: delay or abort before the upstream
+    if route.retry is not None and route.retry.max_retries > 0:
+        stack.append(retry_layer)            # tries again under the budget, with backoff
+    if route.hedge is not None:
+        stack.append(hedge_layer)            # a slow try races another
+    stack.append(breaker_layer)              # per (route, upstream): open rejects; health checks too
+    return stack
+
+
+def build(route: Route) -> Handler:
+    handler: Handler = send                  # one physical try, with the per-try timeout
+    for layer in reversed(layers_for(route)):
+        handler = functools.partial(layer, next=handler)
+    return handler

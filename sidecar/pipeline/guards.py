@@ -1,0 +1,66 @@
+"""Route guards that answer before the upstream is touched: rate limit, concurrency, fault injection.
+
+Each raises `Degraded` (so the fallback chain can answer) or, in shadow mode, records and lets the
+request through.
+"""
+from __future__ import annotations
+
+import json
+
+from multidict import CIMultiDict
+
+from sidecar.core.decisions import Decision
+from sidecar.core.faults import decide_fault
+from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+
+
+async def rate_limit_layer(ex: Exchange, call: Call, next) -> Reply:
+    allowed, retry_after = ex.state.bucket.try_take()
+    if not allowed:
+        limit = ex.route.rate_limit
+        ex.decide(Decision.RATE_LIMITED, f"over {limit.per_second:g}/s (burst {limit.burst})")
+        if ex.enforce:
+            raise Degraded("rate-limited", "local rate limit exceeded", status=429,
+                           retry_after=max(retry_after, 0.001))
+    return await next(ex, call)
+
+
+async def concurrency_layer(ex: Exchange, call: Call, next) -> Reply:
+    limit = ex.state.concurrency
+    if not limit.try_acquire():
+        ex.decide(Decision.CONCURRENCY_FULL, f"{limit.in_flight} requests in flight (max {limit.max})")
+        if ex.enforce:
+            raise Degraded("concurrency-full", "too many requests in flight on this route")
+        return await next(ex, call)
+    try:
+        reply = await next(ex, call)
+    except BaseException:
+        limit.release()
+        raise
+    reply.on_done.append(lambda ok: limit.release())
+    return reply
+
+
+def _fault_applies(ex: Exchange) -> bool:
+    header = ex.route.fault.header
+    if header is None:
+        return True
+    value = ex.headers.get(header[0])
+    return value is not None and (header[1] is None or value == header[1])
+
+
+async def fault_layer(ex: Exchange, call: Call, next) -> Reply:
+    if not _fault_applies(ex):
+        return await next(ex, call)
+    delay, abort = decide_fault(ex.route.fault, ex.runtime.rng)
+    if delay > 0:
+        ex.decide(Decision.FAULT_INJECTED, f"delay {delay * 1000:.0f}ms")
+        if ex.enforce:
+            await ex.runtime.sleep(min(delay, max(ex.remaining(), 0.0)))
+    if abort is not None:
+        ex.decide(Decision.FAULT_INJECTED, f"abort with {abort}")
+        if ex.enforce:
+            body = json.dumps({"error": "fault injected", "route": ex.route.name}).encode()
+            return Reply(status=abort, headers=CIMultiDict({"content-type": "application/json"}),
+                         upstream="fault", body=body)
+    return await next(ex, call)

@@ -1,0 +1,82 @@
+"""Retry layer: "would we retry?" is pure (core.retry); "may we?" spends the route's budget.
+
+Follows Envoy's retry_state_impl split. Retries happen only before the first byte reaches the app (a
+Reply here is headers only), only for methods the policy allows, and only for replayable bodies. A
+`Retry-After` is honoured when it fits in the time left; backoff is exponential with full jitter.
+"""
+from __future__ import annotations
+
+from sidecar.core.decisions import Decision
+from sidecar.core.retry import Backoff, method_retryable, outcome_retryable, parse_retry_after
+from sidecar.pipeline.exchange import Call, Exchange, Reply
+from sidecar.transport.errors import UpstreamFailure
+
+
+async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
+    policy = ex.route.retry
+    budget = ex.state.budget
+    if budget is not None:
+        budget.on_request()
+    runtime = ex.runtime
+    allowed = call.body.replayable and method_retryable(
+        policy, call.method, "idempotency-key" in ex.headers)
+    backoff: Backoff | None = None
+    retries = 0
+    while True:
+        reply: Reply | None = None
+        failure: UpstreamFailure | None = None
+        try:
+            reply = await next(ex, call)
+        except UpstreamFailure as exc:
+            failure = exc
+        if reply is not None:
+            if not outcome_retryable(policy, status=reply.status):
+                return reply
+            what = f"{reply.status} from {call.name}"
+        else:
+            if failure.kind == "timeout":
+                ex.decide(Decision.TIMEOUT, f"try {retries + 1} to {call.name} timed out", upstream=call.name)
+            if not outcome_retryable(policy, failure=failure.kind):
+                raise failure
+            what = f"{failure.kind} from {call.name}"
+        # The outcome is retryable: may we?
+        if not allowed or retries >= policy.max_retries:
+            ex.retries_exhausted = True
+            return _give_up(reply, failure)
+        if backoff is None:
+            backoff = Backoff(policy.backoff, runtime.rng)
+        delay = backoff.next_delay()
+        if reply is not None and policy.respect_retry_after:
+            header = reply.headers.get("retry-after")
+            hinted = parse_retry_after(header, runtime.clock.time()) if header else None
+            if hinted is not None:
+                if hinted >= ex.remaining():
+                    ex.retries_exhausted = True
+                    ex.decide(Decision.RETRY_AFTER, f"Retry-After {hinted:g}s exceeds the time left",
+                              upstream=call.name)
+                    return _give_up(reply, failure)
+                ex.decide(Decision.RETRY_AFTER, f"waiting {hinted:g}s as {call.name} asked", upstream=call.name)
+                delay = hinted
+        if delay >= ex.remaining():
+            ex.retries_exhausted = True
+            return _give_up(reply, failure)
+        if budget is not None and not budget.try_withdraw():
+            ex.retries_exhausted = True
+            ex.decide(Decision.RETRY_BUDGET_EXHAUSTED, f"{what}: retry budget spent", upstream=call.name,
+                      budget_remaining=0.0)
+            return _give_up(reply, failure)
+        ex.decide(Decision.RETRY, f"{what}; retry {retries + 1} of {policy.max_retries}",
+                  upstream=call.name, budget_remaining=budget.remaining() if budget is not None else None)
+        if not ex.enforce:                   # shadow: the decision is recorded, the answer is forwarded
+            return _give_up(reply, failure)
+        if reply is not None:
+            reply.release()
+        if delay > 0:
+            await runtime.sleep(delay)
+        retries += 1
+
+
+def _give_up(reply: Reply | None, failure: UpstreamFailure | None) -> Reply:
+    if reply is not None:
+        return reply
+    raise failure

@@ -1,0 +1,84 @@
+"""The innermost layer: one physical try to one target, recorded for the trace.
+
+Returns as soon as response headers arrive; the body stays unread in `Reply.stream` so that it is
+streamed to the app, never buffered. `traceparent` is set per try to that try's own span id.
+"""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+import aiohttp
+
+from sidecar.pipeline.exchange import Call, Exchange, Reply
+from sidecar.proxy.headers import end_to_end
+from sidecar.telemetry.records import TryRecord
+from sidecar.telemetry.tracecontext import format_traceparent, new_span_id
+from sidecar.transport.errors import UpstreamFailure, translate
+
+MIN_READ_IDLE = 30.0
+
+
+def redact_url(url) -> str:
+    if url.user or url.password:
+        url = url.with_user(None)
+    return str(url)
+
+
+async def send(ex: Exchange, call: Call) -> Reply:
+    route = ex.route
+    timeout = ex.remaining()
+    if route.per_try_timeout is not None and route.per_try_timeout < timeout:
+        timeout = route.per_try_timeout
+    url = call.url
+    rec = TryRecord(span_id=new_span_id(), upstream=call.name, method=call.method, url=redact_url(url),
+                    server_address=url.host or "", server_port=url.port or 0, start_ns=time.time_ns(),
+                    resend_count=call.tries, fallback_target=call.fallback_target)
+    call.tries += 1
+    ex.attempts += 1
+    ex.record.tries.append(rec)
+    call.headers["traceparent"] = format_traceparent(ex.record.trace_id, rec.span_id, True)
+    if ex.record.tracestate:
+        call.headers["tracestate"] = ex.record.tracestate
+    payload = call.body.payload()
+    try:
+        resp = await ex.runtime.transport.send(
+            call.upstream, call.method, url, call.headers, payload, timeout=timeout,
+            read_idle=max(route.timeout, MIN_READ_IDLE), server_hostname=call.server_hostname)
+    except UpstreamFailure as failure:
+        rec.end_ns = time.time_ns()
+        rec.error_type = failure.kind
+        raise
+    rec.status = resp.status
+    if resp.status >= 500:
+        rec.error_type = str(resp.status)
+    reply = Reply(status=resp.status, headers=end_to_end(resp.headers), upstream=call.name,
+                  stream=_relay(resp), release_cb=resp.release)
+
+    def _ended(ok: bool | None, rec: TryRecord = rec) -> None:
+        rec.end_ns = time.time_ns()
+        if ok is False and rec.error_type is None:
+            rec.error_type = "reset"
+    reply.on_done.append(_ended)
+    if call.method == "HEAD" or resp.status in (204, 304):
+        reply.stream = None
+        reply.body = b""
+        resp.release()
+    return reply
+
+
+async def _relay(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The upstream body, as it arrives. A cut is raised as `UpstreamFailure("reset")`."""
+    content = resp.content
+    try:
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            yield chunk
+    except UpstreamFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated in one place
+        raise translate(exc) from exc
+    finally:
+        resp.release()

@@ -1,0 +1,94 @@
+"""Per-route state that outlives a request and, when the route's name and upstream are unchanged,
+a policy reload: retry budget, breakers (one per route and target upstream), concurrency, rate limit.
+Upstream health (from active checks) is per upstream and shared by every route."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from sidecar.core.breaker import CircuitBreaker
+from sidecar.core.budget import RetryBudget
+from sidecar.core.clock import Clock
+from sidecar.core.concurrency import ConcurrencyLimit
+from sidecar.core.ratelimit import TokenBucket
+from sidecar.policy.model import BreakerPolicy, Route
+
+# Passthrough routes get a breaker per original destination: bounded so that a scan of many hosts
+# cannot grow memory without limit (least recently used are forgotten).
+MAX_BREAKERS_PER_ROUTE = 1024
+
+
+class RouteState:
+    __slots__ = ("name", "upstream", "route", "clock", "budget", "concurrency", "bucket", "breakers", "cache")
+
+    def __init__(self, route: Route, clock: Clock) -> None:
+        self.name = route.name
+        self.upstream = route.upstream
+        self.clock = clock
+        self.breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
+        self.route = route
+        self.budget = None
+        self.concurrency = None
+        self.bucket = None
+        self.cache = None                    # set by the cache layer for routes with `cache:`
+        self.apply(route)
+
+    def apply(self, route: Route) -> None:
+        """Take a (possibly reloaded) route's policy, keeping live state where the policy allows."""
+        old = self.route
+        self.route = route
+        retry = route.retry
+        if retry is None or retry.budget is None:
+            self.budget = None
+        elif self.budget is None or old.retry is None or old.retry.budget != retry.budget:
+            self.budget = RetryBudget(retry.budget, self.clock)
+        if route.concurrency is None:
+            self.concurrency = None
+        elif self.concurrency is None or self.concurrency.max != route.concurrency.max:
+            # In-flight requests release into the limiter they acquired from.
+            self.concurrency = ConcurrencyLimit(route.concurrency.max)
+        if route.rate_limit is None:
+            self.bucket = None
+        elif self.bucket is None or old.rate_limit != route.rate_limit:
+            self.bucket = TokenBucket(route.rate_limit.per_second, route.rate_limit.burst, self.clock)
+        if route.breaker is None:
+            self.breakers.clear()
+        else:
+            for breaker in self.breakers.values():
+                breaker.policy = route.breaker
+
+    def breaker(self, target: str, policy: BreakerPolicy | None = None) -> CircuitBreaker | None:
+        policy = policy or self.route.breaker
+        if policy is None:
+            return None
+        br = self.breakers.get(target)
+        if br is None:
+            br = self.breakers[target] = CircuitBreaker(policy, self.clock)
+            if len(self.breakers) > MAX_BREAKERS_PER_ROUTE:
+                self.breakers.popitem(last=False)
+        return br
+
+
+class StateRegistry:
+    """Finds the live state for each route of a newly loaded policy."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._states: dict[tuple[str, str | None], RouteState] = {}
+
+    def bind(self, routes: list[Route]) -> dict[str, RouteState]:
+        fresh: dict[tuple[str, str | None], RouteState] = {}
+        out: dict[str, RouteState] = {}
+        for route in routes:
+            key = (route.name, route.upstream)
+            state = self._states.get(key)
+            if state is None:
+                state = RouteState(route, self.clock)
+            else:
+                state.apply(route)
+            fresh[key] = state
+            out[route.name] = state
+        self._states = fresh
+        return out
+
+    def all(self) -> list[RouteState]:
+        return list(self._states.values())

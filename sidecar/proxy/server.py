@@ -1,0 +1,271 @@
+"""The listeners: how an app request becomes an Exchange, and how its Reply is written back.
+
+    proxy        absolute-form requests (HTTP_PROXY); CONNECT tunnels with connect-level policy only
+    reverse      every request goes to the listener's upstream
+    transparent  iptables REDIRECT; the original destination comes from SO_ORIGINAL_DST
+
+Whatever happens below, the app gets an answer: the reply, or a JSON error naming the route, the reason
+and the decisions. Never a bare 500, a traceback or a hang.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar.core.decisions import Decision
+from sidecar.pipeline.body import read_body
+from sidecar.pipeline.calls import make_call
+from sidecar.pipeline.exchange import Degraded, Exchange, Reply
+from sidecar.pipeline.fallback import Failure
+from sidecar.policy.model import Listener, Route
+from sidecar.proxy.headers import end_to_end
+from sidecar.proxy.original_dst import original_destination
+from sidecar.proxy.tunnel import tunnel
+from sidecar.telemetry.records import RequestRecord
+from sidecar.telemetry.tracecontext import new_span_id, new_trace_id, parse_traceparent
+from sidecar.transport.errors import UpstreamFailure
+
+log = logging.getLogger("sidecar.proxy")
+
+# A route that no feature needs to replay streams its body from the first byte.
+NO_REPLAY_LIMIT = 0
+DEFAULT_REPLAY_LIMIT = 64 * 1024
+
+METADATA_NETS = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fd00:ec2::254/128"))
+
+
+def replay_limit(route: Route) -> int:
+    if route.retry is not None:
+        return route.retry.max_body
+    if route.fallback is not None or route.hedge is not None or route.queue is not None \
+            or (route.cache is not None and "body" in route.cache.key):
+        return DEFAULT_REPLAY_LIMIT
+    return NO_REPLAY_LIMIT
+
+
+def json_error(status: int, error: str, route: str | None, decisions: list[str],
+               extra: dict | None = None) -> Reply:
+    doc = {"error": error, "route": route, "decisions": decisions}
+    if extra:
+        doc.update(extra)
+    return Reply(status=status, headers=CIMultiDict({"content-type": "application/json"}),
+                 upstream="sidecar", body=json.dumps(doc).encode())
+
+
+class ListenerHandler:
+    """One per listener; reads the runtime's current generation for every request."""
+
+    def __init__(self, runtime, listener: Listener) -> None:
+        self.runtime = runtime
+        self.listener = listener
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await self._handle(request)
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionResetError, ConnectionError):
+            raise
+        except Exception:  # noqa: BLE001 - last line of defence: the app always gets JSON, never a traceback
+            log.exception("unexpected error on listener %s", self.listener.name)
+            reply = json_error(502, "internal proxy error", None, [])
+            return await self._write_plain(request, reply)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        gen = self.runtime.gen
+        mode = self.listener.mode
+        if request.method == "CONNECT":
+            if mode != "proxy":
+                return await self._write_plain(request, json_error(405, "CONNECT only on proxy listeners", None, []))
+            return await tunnel(gen, request)
+        target = self._target(gen, request)
+        if isinstance(target, Reply):
+            return await self._write_plain(request, target)
+        url, upstream_name = target
+        host = url.host or ""
+        if mode == "reverse":
+            up = gen.policy.upstreams[upstream_name]
+            host = up.host
+        route = gen.router.match(request.method, host, url.path, request.headers)
+        if route is None:
+            if gen.policy.unmatched == "deny":
+                return await self._deny(gen, request, url)
+            route = gen.policy.defaults
+        if mode == "proxy" and not route.allow_internal and self._internal(gen, url):
+            return await self._write_plain(request, json_error(
+                403, f"{url.host}:{url.port} is internal (metadata or the sidecar itself); a route must allow_internal",
+                route.name, []))
+        return await self._exchange(gen, request, route, url, upstream_name)
+
+    def _target(self, gen, request: web.BaseRequest) -> tuple[URL, str | None] | Reply:
+        mode = self.listener.mode
+        if mode == "proxy":
+            try:                             # absolute-form: the raw request target is the URL
+                msg_url = URL(request.raw_path, encoded=True)
+            except ValueError:
+                msg_url = URL()
+            if not msg_url.absolute or msg_url.scheme not in ("http", "https") or not msg_url.host:
+                return json_error(400, "the proxy listener expects absolute-form requests "
+                                       "(http://host/path); set HTTP_PROXY", None, [])
+            return msg_url, None
+        path_qs = request.raw_path if request.raw_path.startswith("/") else "/"
+        if mode == "reverse":
+            up = gen.policy.upstreams[self.listener.upstream]
+            return URL(f"{up.origin}{path_qs}", encoded=True), up.name
+        dst = original_destination(request.transport)
+        if dst is None:
+            return json_error(502, "original destination unavailable (not redirected by iptables?)", None, [])
+        host = request.headers.get("host", "").rsplit(":", 1)[0] or dst[0]
+        authority = f"{host}:{dst[1]}"
+        try:
+            return URL(f"http://{authority}{path_qs}", encoded=True), None
+        except ValueError:
+            return json_error(400, "bad Host header", None, [])
+
+    def _internal(self, gen, url: URL) -> bool:
+        host = url.host or ""
+        try:
+            addr = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return host == "localhost" and url.port in gen.own_ports
+        if any(addr in net for net in METADATA_NETS):
+            return True
+        return addr.is_loopback and url.port in gen.own_ports
+
+    async def _deny(self, gen, request, url: URL) -> web.StreamResponse:
+        rec = _record(gen, request, "unmatched", self.listener.name, url)
+        ex_like = _DecisionOnly(gen, rec)
+        ex_like.decide(Decision.UNMATCHED_DENIED, f"no route matches {request.method} {url.host}{url.path}")
+        reply = json_error(403, "no route matches this request and unmatched is deny", None,
+                           ["unmatched_denied"])
+        rec.status = 403
+        rec.end_ns = time.time_ns()
+        gen.sink.request_finished(rec)
+        return await self._write_plain(request, reply)
+
+    async def _exchange(self, gen, request: web.BaseRequest, route: Route, url: URL,
+                        upstream_name: str | None) -> web.StreamResponse:
+        state = gen.states[route.name]
+        upstream = gen.policy.upstreams.get(route.upstream or upstream_name or "") if (
+            route.upstream or upstream_name) else None
+        try:
+            body = await read_body(request.content, has_body=request.body_exists,
+                                   limit=gen.replay_limits[route.name], length=request.content_length)
+        except Exception:  # noqa: BLE001 - the app's body broke off: a 400, nothing to forward
+            return await self._write_plain(request, json_error(400, "request body could not be read",
+                                                               route.name, []))
+        record = _record(gen, request, route.name, self.listener.name, url)
+        ex = Exchange(route=route, state=state, runtime=gen, method=request.method, url=url,
+                      headers=end_to_end(request.headers), body=body,
+                      deadline=gen.clock.monotonic() + route.timeout, record=record)
+        call = make_call(ex, upstream)
+        handler = gen.handlers[route.name]
+        try:
+            async with asyncio.timeout(route.timeout + 1.0):   # backstop: layers honour the deadline
+                reply = await handler(ex, call)
+        except (Degraded, UpstreamFailure) as exc:
+            reply = self._failure_reply(ex, Failure.of(exc))
+        except TimeoutError:
+            ex.decide(Decision.TIMEOUT, f"route timeout {route.timeout:g}s ran out")
+            reply = self._failure_reply(ex, Failure("timeout", 504, "route timeout ran out"))
+        return await self._write(request, ex, reply)
+
+    def _failure_reply(self, ex: Exchange, failure: Failure) -> Reply:
+        status = failure.status
+        if ex.remaining() <= 0 and status != 429:
+            status = 504
+        reply = json_error(status, failure.reason, ex.route.name, [d.decision.value for d in ex.record.decisions])
+        reply.upstream = failure.outcome
+        if failure.retry_after is not None:
+            reply.headers["retry-after"] = str(max(1, round(failure.retry_after + 0.499)))
+        ex.record.error_type = failure.outcome
+        return reply
+
+    async def _write(self, request: web.BaseRequest, ex: Exchange, reply: Reply) -> web.StreamResponse:
+        record = ex.record
+        headers = reply.headers
+        headers["x-sidecar-route"] = ex.route.name
+        headers["x-sidecar-upstream"] = reply.upstream
+        headers["x-sidecar-attempts"] = str(ex.attempts)
+        degraded = ex.degraded_names() if ex.enforce else []   # shadow: the app sees no policy
+        if degraded:
+            headers["x-sidecar-degraded"] = ",".join(degraded)
+            headers["x-sidecar-trace-id"] = record.trace_id
+        if reply.cache_status:
+            headers["cache-status"] = reply.cache_status
+        record.status = reply.status
+        record.upstream = reply.upstream
+        record.attempts = ex.attempts
+        ok: bool | None = False
+        try:
+            resp = await _send_reply(request, reply)
+            ok = True
+            return resp
+        except UpstreamFailure as exc:       # the upstream cut the stream after the first byte
+            record.error_type = exc.kind
+            _abort(request)
+            return web.StreamResponse()
+        except (ConnectionError, asyncio.CancelledError):
+            ok = None                        # the app went away: no verdict on the upstream
+            raise
+        finally:
+            reply.finish(ok)
+            record.end_ns = time.time_ns()
+            ex.runtime.sink.request_finished(record)
+
+    async def _write_plain(self, request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
+        return await _send_reply(request, reply)
+
+
+async def _send_reply(request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
+    resp = web.StreamResponse(status=reply.status, headers=reply.headers)
+    if reply.body is not None:
+        resp.content_length = len(reply.body)
+        await resp.prepare(request)
+        if reply.body and request.method != "HEAD":
+            await resp.write(reply.body)
+        await resp.write_eof()
+        return resp
+    await resp.prepare(request)
+    async for chunk in reply.stream:
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+def _abort(request: web.BaseRequest) -> None:
+    """Close the app's connection mid-body so it sees a truncated response, not a complete one."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _record(gen, request: web.BaseRequest, route: str, listener: str, url: URL) -> RequestRecord:
+    parent = parse_traceparent(request.headers.get("traceparent", ""))
+    if parent is None:
+        trace_id, parent_id, sampled = new_trace_id(), None, False
+    else:
+        trace_id, parent_id, sampled = parent
+    return RequestRecord(
+        trace_id=trace_id, span_id=new_span_id(), parent_span_id=parent_id, caller_sampled=sampled,
+        tracestate=request.headers.get("tracestate"), route=route, upstream=None, method=request.method,
+        url=str(url.with_user(None)) if url.user else str(url), listener=listener,
+        policy_version=gen.policy.digest, start_ns=time.time_ns())
+
+
+class _DecisionOnly:
+    """Just enough of an Exchange to record a decision for a request that gets no route."""
+
+    def __init__(self, gen, record: RequestRecord) -> None:
+        self.runtime = gen
+        self.record = record
+        self.route = Route(name=record.route)
+
+    decide = Exchange.decide

@@ -1,0 +1,129 @@
+"""CONNECT tunnels through the proxy listener: connect-level policy only (SPEC "Listeners").
+
+The tunnel's bytes are opaque (usually TLS), so only the connection is governed: the connect timeout,
+the route's breaker on connect failures, and a trace of the attempt. The app's connection is taken over
+from aiohttp's HTTP protocol once `200 Connection established` is sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.telemetry.records import RequestRecord, TryRecord
+from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
+
+CONNECT_TIMEOUT = 5.0
+
+
+class _AppSide(asyncio.Protocol):
+    """Receives the app's bytes after the takeover and writes them to the upstream."""
+
+    def __init__(self, writer: asyncio.StreamWriter, closed: asyncio.Future) -> None:
+        self.writer = writer
+        self.closed = closed
+
+    def data_received(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def eof_received(self) -> bool:
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        self.writer.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def _error(status: int, text: str) -> web.Response:
+    return web.json_response({"error": text, "route": None, "decisions": []}, status=status)
+
+
+async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
+    host, _, port_text = request.raw_path.rpartition(":")   # authority-form: host:port
+    host = host.strip("[]")
+    if not host or not port_text.isdigit():
+        return _error(400, "CONNECT needs host:port")
+    port = int(port_text)
+    route = gen.router.match("CONNECT", host, "", request.headers) or gen.policy.defaults
+    if gen.policy.unmatched == "deny" and route is gen.policy.defaults:
+        return _error(403, "no route matches this CONNECT and unmatched is deny")
+    name = f"{host}:{port}"
+    upstream = gen.policy.upstreams.get(route.upstream) if route.upstream else None
+    timeout = upstream.connect_timeout if upstream else CONNECT_TIMEOUT
+    record = RequestRecord(trace_id=new_trace_id(), span_id=new_span_id(), parent_span_id=None,
+                           caller_sampled=False, tracestate=None, route=route.name, upstream=name,
+                           method="CONNECT", url=name, listener="proxy", policy_version=gen.policy.digest,
+                           start_ns=time.time_ns())
+    state = gen.states.get(route.name)
+    breaker = state.breaker(name) if state is not None else None
+    try_rec = TryRecord(span_id=new_span_id(), upstream=name, method="CONNECT", url=name,
+                        server_address=host, server_port=port, start_ns=time.time_ns())
+    record.tries.append(try_rec)
+    if breaker is not None:
+        admitted, _ = breaker.admit()
+        if not admitted:
+            _decide(gen, record, Decision.BREAKER_OPEN, "connect breaker open", name)
+            record.status = 503
+            _finish(gen, record)
+            return _error(503, f"circuit breaker for {name} is open")
+    started = gen.clock.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        try_rec.error_type = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect-failure"
+        try_rec.end_ns = time.time_ns()
+        if breaker is not None:
+            transition = breaker.record(False, gen.clock.monotonic() - started)
+            if transition is not None and transition.new.value == "open":
+                _decide(gen, record, Decision.BREAKER_OPENED, transition.reason, name)
+        record.status = 502
+        record.error_type = try_rec.error_type
+        _finish(gen, record)
+        return _error(502, f"CONNECT to {name} failed: {try_rec.error_type}")
+    if breaker is not None:
+        breaker.record(True, gen.clock.monotonic() - started)
+    try_rec.status = 200
+    record.status = 200
+    transport = request.transport
+    closed = asyncio.get_running_loop().create_future()
+    transport.set_protocol(_AppSide(writer, closed))
+    transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            if transport.is_closing():
+                break
+            transport.write(data)
+        if transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
+        await closed
+    finally:
+        writer.close()
+        transport.close()
+        try_rec.end_ns = time.time_ns()
+        _finish(gen, record)
+    # aiohttp's protocol no longer owns the socket: tell it the connection is gone so it cleans up.
+    request.protocol.connection_lost(None)
+    return web.Response(headers=CIMultiDict())
+
+
+def _decide(gen, record: RequestRecord, decision: Decision, reason: str, upstream: str) -> None:
+    rec = DecisionRecord(decision=decision, route=record.route, upstream=upstream, reason=reason,
+                         at=time.time(), policy_version=record.policy_version, trace_id=record.trace_id,
+                         span_id=record.span_id)
+    record.decisions.append(rec)
+    record.decision_ns.append(time.time_ns())
+    gen.sink.decision(rec)
+
+
+def _finish(gen, record: RequestRecord) -> None:
+    record.end_ns = time.time_ns()
+    gen.sink.request_finished(record)

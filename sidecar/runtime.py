@@ -1,0 +1,286 @@
+"""The running sidecar: the current policy generation, listeners, admin API, reloads and drain.
+
+A `Generation` is everything built from one policy load (router, route stacks, route state bindings)
+plus the long-lived services (transport, telemetry, clock). Requests hold the generation they started
+with, so a reload never changes a request mid-flight; the swap itself is one attribute assignment.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import socket
+import time
+
+from aiohttp import web
+
+from sidecar.core.clock import SYSTEM_CLOCK, Clock
+from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.core.health import HealthState
+from sidecar.pipeline.build import build
+from sidecar.pipeline.state import StateRegistry
+from sidecar.policy.errors import PolicyError, Problem
+from sidecar.policy.load import load_policy
+from sidecar.policy.match import Router
+from sidecar.policy.model import Listener, Policy
+from sidecar.proxy.server import ListenerHandler, replay_limit
+from sidecar.telemetry.records import FanoutSink
+from sidecar.transport.client import Transport
+
+log = logging.getLogger("sidecar")
+
+# aiohttp's request parser limits (RFC 9110 gives none; nginx's defaults are 8 KiB lines).
+SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
+
+
+class Generation:
+    __slots__ = ("policy", "router", "states", "handlers", "replay_limits", "transport", "sink", "clock",
+                 "rng", "sleep", "health", "queue", "own_ports")
+
+    def __init__(self, policy: Policy, runtime: "Runtime") -> None:
+        self.policy = policy
+        self.router = Router(policy)
+        routes = [*policy.routes, policy.defaults]
+        self.states = runtime.registry.bind(routes)
+        self.handlers = {r.name: build(r) for r in routes}
+        self.replay_limits = {r.name: replay_limit(r) for r in routes}
+        for route in routes:
+            if route.cache is not None and runtime.attach_cache is not None:
+                runtime.attach_cache(self.states[route.name], route)
+        self.transport = runtime.transport
+        self.sink = runtime.sink
+        self.clock = runtime.clock
+        self.rng = runtime.rng
+        self.sleep = runtime.sleep
+        self.health = runtime.health
+        self.queue = runtime.queue
+        self.own_ports = {lst.port for lst in policy.listeners} | {policy.admin.port, policy.health.port}
+
+    def policy_upstream(self, name: str):
+        return self.policy.upstreams[name]
+
+
+class Runtime:
+    def __init__(self, policy: Policy, *, clock: Clock = SYSTEM_CLOCK, rng: random.Random | None = None,
+                 sleep=asyncio.sleep, sinks: list | None = None, attach_cache=None) -> None:
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.sleep = sleep
+        self.transport = Transport()
+        self.registry = StateRegistry(clock)
+        self.health: dict[str, HealthState] = {}
+        self.queue = None
+        self.attach_cache = attach_cache
+        self.sink = FanoutSink(list(sinks or []))
+        self.gen = Generation(policy, self)
+        self.started_at = time.time()
+        self.last_reload_error: str | None = None
+        self.reloads = {"success": 0, "failure": 0}
+        self.ready = False
+        self.draining = False
+        self._servers: dict[str, tuple[Listener, web.Server, asyncio.AbstractServer]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._health_tasks: dict[str, asyncio.Task] = {}
+
+    @property
+    def policy(self) -> Policy:
+        return self.gen.policy
+
+    # -- listeners ---------------------------------------------------------------------------------
+    async def _bind(self, listener: Listener, reuse_port: bool = False) -> tuple[web.Server, asyncio.AbstractServer]:
+        server = web.Server(ListenerHandler(self, listener), access_log=None, **SERVER_LIMITS)
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(server, listener.bind, listener.port, reuse_address=True,
+                                       reuse_port=reuse_port or None, backlog=1024)
+        return server, srv
+
+    async def start_listeners(self, reuse_port: bool = False) -> None:
+        for listener in self.policy.listeners:
+            server, srv = await self._bind(listener, reuse_port)
+            self._servers[listener.name] = (listener, server, srv)
+        self._sync_health_checks()
+        self.ready = True
+
+    def bound_port(self, name: str) -> int:
+        return self._servers[name][2].sockets[0].getsockname()[1]
+
+    async def _apply_listeners(self, policy: Policy) -> None:
+        """Bind every new listener first; only when all bound are old ones closed (never half-applied)."""
+        new = {lst.name: lst for lst in policy.listeners}
+        old = {name: entry[0] for name, entry in self._servers.items()}
+        to_open = [lst for name, lst in new.items() if old.get(name) != lst]
+        to_close = [name for name, lst in old.items() if new.get(name) != lst]
+        opened: list[tuple[Listener, web.Server, asyncio.AbstractServer]] = []
+        # a listener moving ports or binds must release its old socket first only if it reuses the port
+        closing_ports = {(old[n].bind, old[n].port) for n in to_close}
+        try:
+            for lst in to_open:
+                if (lst.bind, lst.port) in closing_ports:
+                    raise OSError(f"listener {lst.name}: changing a listener in place on the same port "
+                                  "needs a restart")
+                server, srv = await self._bind(lst)
+                opened.append((lst, server, srv))
+        except OSError as exc:
+            for _, _, srv in opened:
+                srv.close()
+            raise PolicyError([Problem(policy.source, 1, 1, f"listener change refused: {exc}")]) from exc
+        for name in to_close:
+            _, server, srv = self._servers.pop(name)
+            srv.close()
+            asyncio.get_running_loop().create_task(server.shutdown(10.0))
+        for lst, server, srv in opened:
+            self._servers[lst.name] = (lst, server, srv)
+
+    # -- reload ------------------------------------------------------------------------------------
+    async def reload(self, path: str | None = None, trigger: str = "file") -> tuple[bool, str | None]:
+        path = path or self.policy.source
+        old = self.policy
+        try:
+            policy = load_policy(path)
+            if (policy.admin, policy.health) != (old.admin, old.health):
+                raise PolicyError([Problem(path, 1, 1, "admin and health endpoints change only on restart")])
+            if policy.digest == old.digest:
+                return True, None
+            await self._apply_listeners(policy)
+            self.gen = Generation(policy, self)
+            await self.transport.retain(policy.upstreams)
+            self._sync_health_checks()
+        except PolicyError as exc:
+            message = "; ".join(str(p) for p in exc.problems)
+            self.last_reload_error = message
+            self.reloads["failure"] += 1
+            log.error("policy reload (%s) rejected, keeping version %s: %s", trigger, old.digest, message)
+            self._background(Decision.CONFIG_REJECTED, message[:500])
+            return False, message
+        self.last_reload_error = None
+        self.reloads["success"] += 1
+        log.info("policy reloaded (%s): version %s -> %s", trigger, old.digest, policy.digest)
+        self._background(Decision.CONFIG_RELOADED, f"{trigger}: {old.digest} -> {policy.digest}")
+        return True, None
+
+    def _background(self, decision: Decision, reason: str, route: str = "-", upstream: str | None = None,
+                     breaker_state: str | None = None) -> None:
+        self.sink.decision(DecisionRecord(decision=decision, route=route, upstream=upstream, reason=reason,
+                                          at=time.time(), breaker_state=breaker_state,
+                                          policy_version=self.policy.digest))
+
+    # -- active health checks ----------------------------------------------------------------------
+    def _sync_health_checks(self) -> None:
+        wanted = {name: up for name, up in self.policy.upstreams.items() if up.health_check is not None}
+        for name in [n for n in self._health_tasks if n not in wanted]:
+            self._health_tasks.pop(name).cancel()
+            self.health.pop(name, None)
+        for name, up in wanted.items():
+            if name not in self._health_tasks:
+                self.health.setdefault(name, HealthState(up.health_check))
+                self._health_tasks[name] = asyncio.get_running_loop().create_task(self._health_loop(name))
+
+    async def _health_loop(self, name: str) -> None:
+        from sidecar.transport.health import probe
+        while True:
+            up = self.policy.upstreams.get(name)
+            if up is None or up.health_check is None:
+                return
+            ok = await probe(self.transport, up)
+            state = self.health.get(name)
+            if state is None:
+                return
+            flipped = state.record(ok)
+            if flipped is not None:
+                decision = Decision.UPSTREAM_HEALTHY if flipped else Decision.UPSTREAM_UNHEALTHY
+                reason = "health check passing again" if flipped else \
+                    f"{up.health_check.unhealthy_after} health checks failed on {up.health_check.path}"
+                log.warning("upstream %s is %s", name, "healthy" if flipped else "unhealthy")
+                self._background(decision, reason, upstream=name, breaker_state="closed" if flipped else "open")
+            await asyncio.sleep(up.health_check.interval)
+
+    # -- status ------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        gen = self.gen
+        routes = []
+        for route in [*gen.policy.routes, gen.policy.defaults]:
+            state = gen.states[route.name]
+            routes.append({
+                "name": route.name,
+                "upstream": route.upstream,
+                "mode": route.mode,
+                "breakers": {name: br.snapshot() for name, br in state.breakers.items()},
+                # breakers are created on a route's first call: the policy lets /status show one before
+                "breaker_policy": dataclasses.asdict(route.breaker) if route.breaker else None,
+                "retry_budget_remaining": state.budget.remaining() if state.budget else None,
+                "in_flight": state.concurrency.in_flight if state.concurrency else None,
+                "concurrency_max": route.concurrency.max if route.concurrency else None,
+                "cache": state.cache.stats() if getattr(state, "cache", None) else None,
+            })
+        return {
+            "policy": {"version": gen.policy.digest, "source": gen.policy.source,
+                       "last_reload_error": self.last_reload_error, "reloads": dict(self.reloads)},
+            "ready": self.ready and not self.draining,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "routes": routes,
+            "upstreams": {name: {"healthy": h.healthy} for name, h in self.health.items()},
+            "queue": self.queue.stats() if self.queue is not None else None,
+            "listeners": [{"name": lst.name, "mode": lst.mode, "bind": lst.bind, "port": lst.port}
+                          for lst, _, _ in self._servers.values()],
+        }
+
+    def metrics_state(self) -> dict:
+        gen = self.gen
+        breakers, budgets = [], []
+        cache_entries = 0
+        for name, state in gen.states.items():
+            for up, br in state.breakers.items():
+                breakers.append({"route": name, "upstream": up, "state": br.state.value})
+            if state.budget is not None:
+                budgets.append({"route": name, "remaining": state.budget.remaining()})
+            cache = getattr(state, "cache", None)
+            if cache is not None:
+                cache_entries += cache.entries()
+        queue = self.queue.stats() if self.queue is not None else {}
+        return {"breakers": breakers, "budgets": budgets, "cache_entries": cache_entries,
+                "queue_depth": queue.get("depth", 0), "queue_oldest_age": queue.get("oldest_age", 0.0),
+                "policy_version": gen.policy.digest}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def drain(self, timeout: float) -> None:
+        """SIGTERM: readiness fails, listeners stop accepting, in-flight requests finish (bounded)."""
+        self.draining = True
+        for _, _, srv in self._servers.values():
+            srv.close()
+        await asyncio.gather(*(server.shutdown(timeout) for _, server, _ in self._servers.values()),
+                             return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *self._health_tasks.values()]:
+            task.cancel()
+        for _, server, srv in self._servers.values():
+            srv.close()
+        self._servers.clear()
+        if self.queue is not None:
+            await self.queue.close()
+        await self.transport.close()
+        for sink in self.sink.sinks:
+            shutdown = getattr(sink, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def serve(policy_path: str, *, workers: int = 1, drain_timeout: float = 20.0, log_level: str = "info") -> int:
+    from sidecar.app import run_forever
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, flush=True)
+        return 1
+    return run_forever(policy, workers=workers, drain_timeout=drain_timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+

@@ -1,0 +1,51 @@
+"""The transport's one exception, and the one place aiohttp's client exceptions are translated.
+
+    UpstreamFailure(kind)        kind is a `retry.when` / `fallback.when` name:
+      connect-failure            refused, unreachable, DNS, TLS handshake, connect timeout
+      reset                      the peer closed or reset before (or while) answering
+      timeout                    no response headers within the try's time
+      protocol-error             the peer answered something that is not HTTP
+
+Everything above the transport sees only `UpstreamFailure`, re-raised `from` the original (httpx style).
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import aiohttp
+from aiohttp import http_exceptions
+
+
+class UpstreamFailure(Exception):
+    __slots__ = ("kind", "detail")
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+def translate(exc: BaseException) -> UpstreamFailure:
+    """Map a client-side exception to the failure kind that retry, breaker and fallback act on."""
+    if isinstance(exc, UpstreamFailure):
+        return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamFailure("connect-failure", "connect timeout")
+    if isinstance(exc, (aiohttp.ClientConnectorError, ssl.SSLError, aiohttp.ClientSSLError)):
+        return UpstreamFailure("connect-failure", _short(exc))
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamFailure("timeout", "no response in time")
+    if isinstance(exc, (aiohttp.ClientResponseError, http_exceptions.HttpProcessingError)):
+        return UpstreamFailure("protocol-error", _short(exc))
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                        aiohttp.ClientOSError, ConnectionError, OSError)):
+        return UpstreamFailure("reset", _short(exc))
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamFailure("protocol-error", _short(exc))
+    raise exc
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,70 @@
+"""Real servers on loopback for end-to-end tests: upstreams you script, and a sidecar in front."""
+from __future__ import annotations
+
+import socket
+import textwrap
+from pathlib import Path
+
+from aiohttp import web
+
+from sidecar.app import Sidecar, start
+from sidecar.policy.load import load_policy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Upstream:
+    """An aiohttp app on a free loopback port; counts the requests it saw."""
+
+    def __init__(self, handler=None, *, ssl_context=None) -> None:
+        self.port = free_port()
+        self.hits = 0
+        self.requests: list[dict] = []
+        self._handler = handler
+        self._ssl = ssl_context
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._ssl else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        self.requests.append({"method": request.method, "path": request.path_qs,
+                              "headers": dict(request.headers)})
+        return await self._handler(request)
+
+    async def start(self) -> "Upstream":
+        app = web.Application(client_max_size=1024 ** 3)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ssl).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def write_policy(tmp_path: Path, text: str, name: str = "policy.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+async def start_sidecar(tmp_path: Path, text: str, **kwargs) -> Sidecar:
+    policy = load_policy(str(write_policy(tmp_path, text)))
+    return await start(policy, watch=kwargs.pop("watch", False), **kwargs)
+
+
+def ports() -> dict[str, int]:
+    """Fresh ports for a policy's listeners and admin/health endpoints."""
+    return {"proxy": free_port(), "reverse": free_port(), "admin": free_port(), "health": free_port(),
+            "reverse2": free_port()}
