@@ -1,0 +1,202 @@
+"""The Prometheus sink: request, try and decision counters, and live-state gauges read at scrape time.
+
+Series (SPEC "Admin API", plus the try-level ones an Envoy user looks for):
+
+    sidecar_requests_total{route,code}                      code: the status sent to the app
+    sidecar_request_duration_seconds{route}                 histogram
+    sidecar_decisions_total{route,decision}                 the decision vocabulary
+    sidecar_upstream_requests_total{route,upstream,code}    one per try; code: status or failure name
+    sidecar_upstream_request_duration_seconds{route,upstream}
+    sidecar_config_reloads_total{result}                    success | failure
+    sidecar_breaker_state{route,upstream}                   0 closed, 1 half-open, 2 open   } filled at
+    sidecar_retry_budget_remaining{route}                                                   } scrape time
+    sidecar_cache_entries, sidecar_queue_depth, sidecar_queue_oldest_age_seconds            } from the
+    sidecar_policy_info{version}                            always 1                        } state provider
+
+Labels are route and upstream names from the policy, decision names and status codes: never a path.
+Upstream names of passthrough traffic (the original destination) are capped, see `_Capped`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.telemetry.records import RequestRecord
+
+log = logging.getLogger("sidecar.telemetry.metrics")
+
+StateProvider = Callable[[], dict]
+
+# Request latencies run from sub-millisecond cache hits to whole-route timeouts of tens of seconds.
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "half-open": 1.0, "open": 2.0}
+OTHER = "other"
+
+
+class _Capped:
+    """Passes the first `limit` distinct label values through and maps the rest to "other".
+
+    Route and upstream names come from the policy, but a passthrough request's upstream is its original
+    destination: an application calling many hosts must not grow the series without bound.
+    """
+
+    __slots__ = ("limit", "seen")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
+class Metrics:
+    """A `TelemetrySink` with its own registry; `render()` is the body of `GET /metrics`."""
+
+    def __init__(self, state_provider: StateProvider | None = None, *, max_label_values: int = 500,
+                 process_metrics: bool = True) -> None:
+        # `*_created` series double the page and no dashboard reads them (process-wide switch; the
+        # sidecar is the process).
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self._requests = Counter("sidecar_requests", "Requests answered, by route and status code.",
+                                 ["route", "code"], registry=reg)
+        self._duration = Histogram("sidecar_request_duration_seconds",
+                                   "Time from the request to the last byte of the answer, by route.",
+                                   ["route"], buckets=BUCKETS, registry=reg)
+        self._decisions = Counter("sidecar_decisions", "Degradation decisions, by route and decision.",
+                                  ["route", "decision"], registry=reg)
+        self._tries = Counter("sidecar_upstream_requests",
+                              "Tries to upstreams (retries, hedges and fallback calls included), by route, "
+                              "upstream and status code or failure (connect-failure, reset, timeout...).",
+                              ["route", "upstream", "code"], registry=reg)
+        self._try_duration = Histogram("sidecar_upstream_request_duration_seconds",
+                                       "Duration of one try to an upstream.", ["route", "upstream"],
+                                       buckets=BUCKETS, registry=reg)
+        self._reloads = Counter("sidecar_config_reloads", "Policy reloads, by result.", ["result"],
+                                registry=reg)
+        self._reload_ok = self._reloads.labels("success")
+        self._reload_failed = self._reloads.labels("failure")
+        reg.register(_LiveState(state_provider))
+        if process_metrics:
+            ProcessCollector(registry=reg)
+
+        self._route = _Capped(max_label_values)
+        self._upstream = _Capped(max_label_values)
+        # Labelled children cached per label tuple: `labels()` validates and locks on every call.
+        self._request_children: dict[tuple[str, int, str | None], tuple] = {}
+        self._try_children: dict[tuple[str, str, str], tuple] = {}
+        self._decision_children: dict[tuple[str, str], object] = {}
+
+    # -- TelemetrySink ---------------------------------------------------------------------------
+
+    def request_finished(self, record: RequestRecord) -> None:
+        # Caches are keyed on the capped label values, so they stay as bounded as the series.
+        route = self._route(record.route)
+        key = (route, record.status, None if record.status else record.error_type)
+        children = self._request_children.get(key)
+        if children is None:
+            code = str(record.status) if record.status else (record.error_type or "none")
+            children = self._request_children[key] = (self._requests.labels(route, code),
+                                                      self._duration.labels(route))
+        counter, histogram = children
+        counter.inc()
+        if record.end_ns:
+            histogram.observe((record.end_ns - record.start_ns) / 1e9)
+        for t in record.tries:
+            code = str(t.status) if t.status is not None else (t.error_type or "cancelled")
+            tkey = (route, self._upstream(t.upstream), code)
+            tchildren = self._try_children.get(tkey)
+            if tchildren is None:
+                tchildren = self._try_children[tkey] = (self._tries.labels(*tkey),
+                                                        self._try_duration.labels(tkey[0], tkey[1]))
+            tchildren[0].inc()
+            if t.end_ns:
+                tchildren[1].observe((t.end_ns - t.start_ns) / 1e9)
+
+    def decision(self, record: DecisionRecord) -> None:
+        key = (self._route(record.route), str(record.decision))
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self._decisions.labels(*key)
+        child.inc()
+        if record.decision == Decision.CONFIG_RELOADED:
+            self._reload_ok.inc()
+        elif record.decision == Decision.CONFIG_REJECTED:
+            self._reload_failed.inc()
+
+    # -- exposition ------------------------------------------------------------------------------
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """(body, content type): Prometheus text, or OpenMetrics when the scraper's Accept asks for it."""
+        if accept:
+            encoder, content_type = choose_encoder(accept)
+            return encoder(self.registry), content_type
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _LiveState:
+    """A custom collector: gauges for state owned elsewhere (breakers, budgets, cache, queue, policy),
+    read from the provider at scrape time so they can never drift from the truth."""
+
+    def __init__(self, provider: StateProvider | None) -> None:
+        self.provider = provider
+        self._failing = False
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families({})
+
+    def collect(self) -> Iterable[Metric]:
+        state: dict = {}
+        if self.provider is not None:
+            try:
+                state = self.provider() or {}
+                self._failing = False
+            except Exception:  # noqa: BLE001 - a scrape must not fail because one source did
+                if not self._failing:
+                    log.exception("metrics state provider failed; live-state gauges are empty")
+                self._failing = True
+        return self._families(state)
+
+    @staticmethod
+    def _families(state: dict) -> list[Metric]:
+        breakers = GaugeMetricFamily("sidecar_breaker_state",
+                                     "Circuit breaker state per route and upstream: 0 closed, 1 half-open, "
+                                     "2 open.", labels=["route", "upstream"])
+        for b in state.get("breakers", ()):
+            value = BREAKER_STATES.get(str(b.get("state", "")).lower())
+            if value is not None:
+                breakers.add_metric([str(b.get("route", "")), str(b.get("upstream") or "")], value)
+        budgets = GaugeMetricFamily("sidecar_retry_budget_remaining",
+                                    "Retries the route's budget allows right now.", labels=["route"])
+        for b in state.get("budgets", ()):
+            if b.get("remaining") is not None:
+                budgets.add_metric([str(b.get("route", ""))], float(b["remaining"]))
+        families: list[Metric] = [breakers, budgets]
+        for name, key, doc in (
+            ("sidecar_cache_entries", "cache_entries", "Entries in the response cache."),
+            ("sidecar_queue_depth", "queue_depth", "Writes waiting in the store-and-forward queue."),
+            ("sidecar_queue_oldest_age_seconds", "queue_oldest_age",
+             "Age of the oldest write waiting in the queue."),
+        ):
+            family = GaugeMetricFamily(name, doc)
+            if state.get(key) is not None:
+                family.add_metric([], float(state[key]))
+            families.append(family)
+        info = GaugeMetricFamily("sidecar_policy_info", "The policy version being served (always 1).",
+                                 labels=["version"])
+        if state.get("policy_version"):
+            info.add_metric([str(state["policy_version"])], 1.0)
+        families.append(info)
+        return families

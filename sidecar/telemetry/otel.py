@@ -1,0 +1,525 @@
+"""The OpenTelemetry sink: finished request records become OTLP spans, off the request path.
+
+The data plane never calls OpenTelemetry. It hands a finished `RequestRecord` to `request_finished`;
+only then do we decide whether to export it, and if so build `ReadableSpan`s directly (no Tracer, no
+context propagation machinery) and give them to a `BatchSpanProcessor`, whose worker thread talks to the
+collector. So a healthy unsampled request costs one sampler call, and an unreachable collector costs
+the data plane nothing.
+
+    request span  (INTERNAL, named after the route; parent = the caller's span from `traceparent`)
+      ├─ event `sidecar.decision`   one per DecisionRecord, at its time
+      ├─ try span   (CLIENT, `{method}`, HTTP client semconv)   one per TryRecord, fallback calls included
+      └─ ...
+    `sidecar.decision` span         a decision outside any request (health checks, config reloads)
+
+Sampling (SPEC "Traces"): a request with any decision is always exported, whatever the sampler or the
+caller's sampled flag. The configured sampler (OTEL_TRACES_SAMPLER, default parentbased_traceidratio at
+the policy's `sample_ratio`) decides only healthy requests, on the trace id like `TraceIdRatioBased`, so
+every replica and every hop agree.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.policy.model import Telemetry
+from sidecar.telemetry.records import RequestRecord, TryRecord
+from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
+
+log = logging.getLogger("sidecar.telemetry.otel")
+
+# (trace_id, caller's span id or None, caller's sampled flag) -> export this healthy request?
+Sampler = Callable[[str, "str | None", bool], bool]
+
+PROTOCOLS = ("grpc", "http/protobuf")
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_OK = Status(StatusCode.UNSET)
+_EVENT = "sidecar.decision"
+# Decisions that happen after their request has finished (a queued write delivered or given up later):
+# exported as their own span in the request's trace, since the request span is already gone.
+_AFTER_REQUEST = frozenset({Decision.QUEUE_DELIVERED, Decision.QUEUE_EXPIRED})
+
+
+def _sidecar_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("sidecar")
+    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
+        return "0"
+
+
+_SCOPE = InstrumentationScope("sidecar", _sidecar_version())
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def _ratio_sampler(ratio: float) -> Callable[[str], bool]:
+    """TraceIdRatioBased on a hex id: the low 64 bits against `ratio * 2**64` (same bound as the SDK)."""
+    bound = round(max(0.0, min(1.0, ratio)) * (1 << 64))
+    if bound <= 0:
+        return lambda trace_id: False
+    if bound >= 1 << 64:
+        return lambda trace_id: True
+    return lambda trace_id: int(trace_id[16:], 16) < bound
+
+
+def make_sampler(name: str, ratio: float) -> Sampler:
+    """A sampler from an OTEL_TRACES_SAMPLER name; `ratio` is its argument for the ratio samplers.
+
+    parentbased_*: a caller's `traceparent` decides (sampled -> on, not sampled -> off, as the SDK's
+    ParentBased defaults do); without one, the named root sampler does.
+    """
+    base = name.removeprefix("parentbased_")
+    if base == "always_on":
+        def root(trace_id: str) -> bool:
+            return True
+    elif base == "always_off":
+        def root(trace_id: str) -> bool:
+            return False
+    elif base == "traceidratio":
+        root = _ratio_sampler(ratio)
+    else:
+        raise ValueError(f"unknown sampler {name!r}")
+    if not name.startswith("parentbased_"):
+        return lambda trace_id, parent, sampled: root(trace_id)
+    return lambda trace_id, parent, sampled: sampled if parent is not None else root(trace_id)
+
+
+# --- one log line per collector outage -----------------------------------------------------------
+
+class _ExportLogGate(logging.Filter):
+    """Keeps the SDK's export logs to one line per outage.
+
+    The OTLP exporters log a warning or error for every failed batch and retry, and the batch processor
+    one for every span dropped on a full queue. While our exporter wrapper is inside `export` (flagged
+    `quiet` per thread) the SDK's warnings are swallowed and the last one kept as the reason; the wrapper
+    logs once when export starts failing and once when it recovers. "Queue full" is logged at most every
+    five minutes. A caller's malformed `tracestate` is dropped quietly the same way.
+    """
+
+    LOGGERS = (
+        "opentelemetry.exporter.otlp.proto.grpc.exporter",
+        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        "opentelemetry.exporter.otlp.common.http",
+        "opentelemetry.exporter.otlp.proto.common._internal",
+        "opentelemetry.sdk._shared_internal",
+        "opentelemetry.trace.span",
+    )
+    QUEUE_FULL_EVERY = 300.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+        self._queue_full_logged_at: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.local, "quiet", False):
+            if record.levelno >= logging.WARNING:
+                self.local.reason = record.getMessage()
+                return False
+            return True
+        if isinstance(record.msg, str) and record.msg.startswith("Queue full"):
+            self.queue_full()
+            return False
+        return True
+
+    def queue_full(self) -> None:
+        now = time.monotonic()
+        last = self._queue_full_logged_at
+        if last is None or now - last >= self.QUEUE_FULL_EVERY:
+            self._queue_full_logged_at = now
+            log.warning("trace export queue is full: spans are dropped until export catches up "
+                        "(raise OTEL_BSP_MAX_QUEUE_SIZE, or check the collector)")
+
+
+_gate = _ExportLogGate()
+_gate_installed = False
+_gate_lock = threading.Lock()
+
+
+def _install_gate() -> None:
+    global _gate_installed
+    with _gate_lock:
+        if not _gate_installed:
+            for name in _ExportLogGate.LOGGERS:
+                logging.getLogger(name).addFilter(_gate)
+            _gate_installed = True
+
+
+class _GuardedExporter(SpanExporter):
+    """Wraps the OTLP exporter: one log line per outage, and a cheap drop while the collector is down.
+
+    While failing, a batch is dropped at once unless `probe_every` seconds have passed since the last
+    attempt, so the worker does not spend the exporter's full retry timeout on every batch.
+    """
+
+    def __init__(self, inner: SpanExporter, target: str, probe_every: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.inner = inner
+        self.target = target
+        self.probe_every = probe_every
+        self._clock = clock
+        self.failing = False
+        self.dropped = 0                  # spans lost during the current outage
+        self._next_probe = 0.0
+        self._closed = False
+        self._lock = threading.Lock()     # the worker and force_flush may both export
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._closed:
+            return SpanExportResult.FAILURE
+        if self.failing and self._clock() < self._next_probe:
+            self.dropped += len(spans)
+            return SpanExportResult.FAILURE
+        _gate.local.quiet, _gate.local.reason = True, None
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:  # noqa: BLE001 - an exporter bug must not kill the worker thread
+            result = SpanExportResult.FAILURE
+            _gate.local.reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            _gate.local.quiet = False
+        if self._closed:               # aborted by a bounded shutdown: the failure is ours, not news
+            return result
+        with self._lock:
+            if result is SpanExportResult.SUCCESS:
+                if self.failing:
+                    log.warning("trace export to %s recovered (%d spans were dropped meanwhile)",
+                                self.target, self.dropped)
+                    self.failing, self.dropped = False, 0
+                return result
+            self.dropped += len(spans)
+            self._next_probe = self._clock() + self.probe_every
+            if not self.failing:
+                self.failing = True
+                log.warning("trace export to %s failed (%s); spans are dropped and this is not logged "
+                            "again until export recovers", self.target, _gate.local.reason or "unknown")
+        return result
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        """Idempotent; also interrupts an export stuck in the exporter's retry backoff."""
+        if not self._closed:
+            self._closed = True
+            self.inner.shutdown()
+
+
+# --- span building -------------------------------------------------------------------------------
+
+def _decision_attributes(d: DecisionRecord) -> dict:
+    attrs = {"sidecar.decision": str(d.decision), "sidecar.route": d.route, "sidecar.reason": d.reason}
+    if d.upstream is not None:
+        attrs["sidecar.upstream"] = d.upstream
+    if d.breaker_state is not None:
+        attrs["sidecar.breaker.state"] = d.breaker_state
+    if d.budget_remaining is not None:
+        attrs["sidecar.retry.budget_remaining"] = d.budget_remaining
+    if d.fallback_target is not None:
+        attrs["sidecar.fallback.target"] = d.fallback_target
+    if d.policy_version is not None:
+        attrs["sidecar.policy.version"] = d.policy_version
+    return attrs
+
+
+def _trace_state(header: str) -> TraceState | None:
+    """The caller's `tracestate`, or None when malformed (the SDK would log a warning per request)."""
+    _gate.local.quiet = True
+    try:
+        return TraceState.from_header([header]) or None
+    except Exception:  # noqa: BLE001 - a bad header from the caller is dropped, never fatal
+        return None
+    finally:
+        _gate.local.quiet = False
+
+
+def _error(description: str) -> Status:
+    return Status(StatusCode.ERROR, description)
+
+
+class OtelSink:
+    """A `TelemetrySink` exporting OTLP spans through a `BatchSpanProcessor`."""
+
+    def __init__(self, exporter: SpanExporter, *, resource: Resource | None = None,
+                 sampler: Sampler | None = None, target: str = "the collector",
+                 probe_every: float = 5.0) -> None:
+        _install_gate()
+        self.resource = resource if resource is not None else Resource.create({})
+        self.sample: Sampler = sampler or make_sampler("parentbased_traceidratio", 0.05)
+        self.exporter = _GuardedExporter(exporter, target, probe_every)
+        self.processor = BatchSpanProcessor(self.exporter)
+        self._on_end: Callable[[ReadableSpan], None] = self.processor.on_end
+        # The processor's queue, when this SDK version exposes it as a bounded deque: checked before
+        # building spans, so a backlog (collector down) costs a len() instead of spans and a log record
+        # per dropped span. Without it, the SDK drops on its own and the log gate keeps that quiet.
+        queue = getattr(getattr(self.processor, "_batch_processor", None), "_queue", None)
+        self._queue = queue if isinstance(queue, deque) and queue.maxlen else None
+        self.queue_full_drops = 0
+        self._closed = False
+
+    # -- TelemetrySink ---------------------------------------------------------------------------
+
+    def request_finished(self, record: RequestRecord) -> None:
+        # The only work for a healthy unsampled request: one list truth test and one sampler call.
+        if not record.decisions and not self.sample(record.trace_id, record.parent_span_id,
+                                                    record.caller_sampled):
+            return
+        if not self._room():
+            return
+        on_end = self._on_end
+        for span in self.spans_for(record):
+            on_end(span)
+
+    def decision(self, record: DecisionRecord) -> None:
+        # A request's decisions travel with its RequestRecord; only those outside one become spans here.
+        if (record.trace_id is None or record.decision in _AFTER_REQUEST) and self._room():
+            self._on_end(self._decision_span(record))
+
+    def _room(self) -> bool:
+        queue = self._queue
+        if queue is not None and len(queue) >= queue.maxlen:
+            self.queue_full_drops += 1
+            _gate.queue_full()
+            return False
+        return True
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def samples(self, trace_id: str, parent_span_id: str | None, caller_sampled: bool) -> bool:
+        """The head decision for a healthy request: the `sampled` flag to propagate upstream."""
+        return self.sample(trace_id, parent_span_id, caller_sampled)
+
+    def force_flush(self, timeout: float = 5.0) -> bool:
+        """Export what is queued; blocks the calling thread (call it from an executor in async code)."""
+        return self._bounded(self.processor.force_flush, timeout)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Flush and stop, in at most about `timeout` seconds even when the collector is unreachable."""
+        if self._closed:
+            return
+        self._closed = True
+        self._on_end = _discard
+        if not self._bounded(self.processor.shutdown, timeout):
+            self.exporter.shutdown()   # interrupts a retry backoff; queued spans are lost
+            log.warning("trace export to %s did not finish within %.1fs at shutdown; queued spans dropped",
+                        self.exporter.target, timeout)
+
+    @staticmethod
+    def _bounded(fn: Callable[[], object], timeout: float) -> bool:
+        outcome: list[object] = []
+        worker = threading.Thread(target=lambda: outcome.append(fn()), name="otel-flush", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        return bool(outcome) and outcome[0] is not False
+
+    # -- records -> spans ------------------------------------------------------------------------
+
+    def spans_for(self, r: RequestRecord) -> list[ReadableSpan]:
+        trace_id = int(r.trace_id, 16)
+        state = _trace_state(r.tracestate) if r.tracestate else None
+        ctx = SpanContext(trace_id, int(r.span_id, 16), False, _SAMPLED, state)
+        parent = (SpanContext(trace_id, int(r.parent_span_id, 16), True, _SAMPLED, state)
+                  if r.parent_span_id else None)
+        end_ns = r.end_ns or time.time_ns()
+
+        attrs: dict = {
+            "http.request.method": r.method,
+            "url.full": r.url,
+            "sidecar.route": r.route,
+            "sidecar.listener": r.listener,
+            "sidecar.policy.version": r.policy_version,
+            "sidecar.attempts": r.attempts,
+        }
+        if r.status:
+            attrs["http.response.status_code"] = r.status
+        if r.upstream is not None:
+            attrs["sidecar.upstream"] = r.upstream
+        status = _OK
+        error_type = r.error_type or (str(r.status) if r.status >= 500 else None)
+        if error_type is not None:
+            attrs["error.type"] = error_type
+            status = _error(error_type)
+
+        events: list[Event] = []
+        if r.decisions:
+            # Distinct decision names in order, as in x-sidecar-degraded: searchable in Jaeger's tag query.
+            attrs["sidecar.decisions"] = tuple(dict.fromkeys(str(d.decision) for d in r.decisions))
+            times = r.decision_ns
+            for i, d in enumerate(r.decisions):
+                at = times[i] if i < len(times) else int(d.at * 1e9)
+                events.append(Event(_EVENT, _decision_attributes(d), at))
+
+        spans = [ReadableSpan(
+            r.route, context=ctx, parent=parent, resource=self.resource, attributes=attrs, events=events,
+            kind=SpanKind.INTERNAL, status=status, start_time=r.start_ns, end_time=end_ns,
+            instrumentation_scope=_SCOPE)]
+        for t in r.tries:
+            spans.append(self._try_span(t, trace_id, ctx, end_ns))
+        return spans
+
+    def _try_span(self, t: TryRecord, trace_id: int, parent: SpanContext, fallback_end: int) -> ReadableSpan:
+        attrs: dict = {
+            "http.request.method": t.method,
+            "url.full": t.url,
+            "server.address": t.server_address,
+            "server.port": t.server_port,
+            "sidecar.upstream": t.upstream,
+        }
+        if t.status is not None:
+            attrs["http.response.status_code"] = t.status
+        if t.resend_count > 0:
+            attrs["http.request.resend_count"] = t.resend_count
+        if t.fallback_target is not None:
+            attrs["sidecar.fallback.target"] = t.fallback_target
+        # HTTP client semconv: error.type is the failure, else the status code for 4xx/5xx, and a CLIENT
+        # span's status is Error for both.
+        status = _OK
+        error_type = t.error_type or (str(t.status) if t.status is not None and t.status >= 400 else None)
+        if error_type is not None:
+            attrs["error.type"] = error_type
+            status = _error(error_type)
+        return ReadableSpan(
+            t.method, context=SpanContext(trace_id, int(t.span_id, 16), False, _SAMPLED),
+            parent=parent, resource=self.resource, attributes=attrs, kind=SpanKind.CLIENT, status=status,
+            start_time=t.start_ns, end_time=t.end_ns or fallback_end, instrumentation_scope=_SCOPE)
+
+    def _decision_span(self, d: DecisionRecord) -> ReadableSpan:
+        at = int(d.at * 1e9)
+        attrs = _decision_attributes(d)
+        if d.trace_id is not None:
+            trace_id = int(d.trace_id, 16)
+            parent = SpanContext(trace_id, int(d.span_id, 16), False, _SAMPLED) if d.span_id else None
+        else:
+            trace_id, parent = int(new_trace_id(), 16), None
+        ctx = SpanContext(trace_id, int(new_span_id(), 16), False, _SAMPLED)
+        return ReadableSpan(
+            _EVENT, context=ctx, parent=parent, resource=self.resource, attributes=attrs,
+            events=[Event(_EVENT, dict(attrs), at)], kind=SpanKind.INTERNAL, status=_OK,
+            start_time=at, end_time=at, instrumentation_scope=_SCOPE)
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: Telemetry, env: Mapping[str, str] = os.environ) -> OtelSink | None:
+        """The sink the policy and the `OTEL_*` environment ask for, or None when tracing is off.
+
+        Off: OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none, or no endpoint anywhere. The environment
+        wins over the policy. The exporters themselves still read the variables the SDK leaves to them
+        (OTEL_EXPORTER_OTLP_*_HEADERS, _TIMEOUT, _COMPRESSION, _CERTIFICATE) and OTEL_BSP_* from the
+        process environment; `Resource.create` reads OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME.
+        """
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
+        exporter_name = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+        if exporter_name == "none":
+            return None
+        if exporter_name not in ("otlp", ""):
+            log.warning("OTEL_TRACES_EXPORTER=%s is not supported; using otlp", exporter_name)
+        target = resolve_target(cfg, env)
+        if target is None:
+            return None
+        protocol, endpoint = target
+        sampler_name, sampler = sampler_from_env(cfg, env)
+        sink = cls(_make_exporter(protocol, endpoint, env), resource=_resource(cfg, env), sampler=sampler,
+                   target=endpoint)
+        log.info("exporting traces to %s over %s; healthy requests sampled by %s, degraded ones always",
+                 endpoint, protocol, sampler_name)
+        return sink
+
+
+def _discard(span: ReadableSpan) -> None:
+    """Stands in for `processor.on_end` after shutdown, so late requests log nothing."""
+
+
+def resolve_target(cfg: Telemetry, env: Mapping[str, str]) -> tuple[str, str] | None:
+    """(protocol, endpoint) from the environment, then the policy; None when no endpoint is set."""
+    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or cfg.traces.protocol or "grpc").strip().lower()
+    if protocol not in PROTOCOLS:
+        fallback = "http/protobuf" if protocol.startswith("http") else "grpc"
+        log.warning("OTLP protocol %r is not supported; using %s", protocol, fallback)
+        protocol = fallback
+    http = protocol == "http/protobuf"
+    traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if traces_endpoint:
+        endpoint = traces_endpoint                           # a signal endpoint is used as is
+    elif base_endpoint:
+        # OTLP exporter spec: for OTLP/HTTP the base endpoint gets the signal path appended.
+        endpoint = f"{base_endpoint.rstrip('/')}/v1/traces" if http else base_endpoint
+    elif cfg.traces.endpoint:
+        endpoint = cfg.traces.endpoint.strip()
+        # The policy's endpoint is a collector address; give an HTTP one the signal path unless it has one.
+        if http and urlsplit(endpoint).path in ("", "/"):
+            endpoint = f"{endpoint.rstrip('/')}/v1/traces"
+    else:
+        return None
+    if "://" not in endpoint:
+        endpoint = f"http://{endpoint}"                      # `jaeger:4317`: plaintext, as on a pod network
+    return protocol, endpoint
+
+
+def sampler_from_env(cfg: Telemetry, env: Mapping[str, str]) -> tuple[str, Sampler]:
+    """OTEL_TRACES_SAMPLER / _ARG, defaulting to parentbased_traceidratio at the policy's sample_ratio."""
+    name = (env.get("OTEL_TRACES_SAMPLER") or "parentbased_traceidratio").strip().lower()
+    ratio = cfg.traces.sample_ratio
+    raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if raw and "traceidratio" in name:
+        try:
+            value = float(raw)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(raw)
+            ratio = value
+        except ValueError:
+            log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a ratio in [0, 1]; using %s", raw, ratio)
+    try:
+        sampler = make_sampler(name, ratio)
+    except ValueError:
+        log.warning("OTEL_TRACES_SAMPLER=%s is not supported; using parentbased_traceidratio", name)
+        name = "parentbased_traceidratio"
+        sampler = make_sampler(name, ratio)
+    label = f"{name}({ratio})" if "traceidratio" in name else name
+    return label, sampler
+
+
+def _resource(cfg: Telemetry, env: Mapping[str, str]) -> Resource:
+    # Resource.create runs the SDK's detectors, which read OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME;
+    # the policy's service_name applies only when neither names the service.
+    resource = Resource.create({})
+    service = env.get("OTEL_SERVICE_NAME", "").strip()
+    if not service and str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        service = cfg.service_name
+    if service:
+        resource = resource.merge(Resource({"service.name": service}))
+    return resource
+
+
+def _make_exporter(protocol: str, endpoint: str, env: Mapping[str, str]) -> SpanExporter:
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+        return HttpExporter(endpoint=endpoint)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    scheme = urlsplit(endpoint).scheme
+    insecure_env = (env.get("OTEL_EXPORTER_OTLP_TRACES_INSECURE") or env.get("OTEL_EXPORTER_OTLP_INSECURE")
+                    or "").strip().lower()
+    if scheme == "https":
+        insecure = False
+    elif insecure_env in ("true", "false"):
+        insecure = insecure_env == "true"
+    else:
+        insecure = scheme == "http"
+    return GrpcExporter(endpoint=endpoint, insecure=insecure)
