@@ -51,6 +51,8 @@ class Failure:
         return cls(exc.kind, FAILURE_STATUS.get(exc.kind, 502), f"{exc.kind}: {exc.detail}")
 
     def matches(self, when: Conditions, ex: Exchange) -> bool:
+        if self.outcome == "json":           # a body condition of `when` already matched
+            return bool(when.json)
         if self.reply is None and when.has(self.outcome):
             return True
         if ex.retries_exhausted and when.has("retries-exhausted"):
