@@ -36,7 +36,7 @@ SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
 
 class Generation:
     __slots__ = ("policy", "router", "states", "handlers", "replay_limits", "transport", "sink", "clock",
-                 "rng", "sleep", "health", "queue", "own_ports")
+                 "rng", "sleep", "health", "queue", "own_ports", "head_sampler")
 
     def __init__(self, policy: Policy, runtime: "Runtime") -> None:
         self.policy = policy
@@ -56,6 +56,7 @@ class Generation:
         self.health = runtime.health
         self.queue = runtime.queue
         self.own_ports = {lst.port for lst in policy.listeners} | {policy.admin.port, policy.health.port}
+        self.head_sampler = runtime.head_sampler
 
     def policy_upstream(self, name: str):
         return self.policy.upstreams[name]
@@ -63,16 +64,19 @@ class Generation:
 
 class Runtime:
     def __init__(self, policy: Policy, *, clock: Clock = SYSTEM_CLOCK, rng: random.Random | None = None,
-                 sleep=asyncio.sleep, sinks: list | None = None, attach_cache=None) -> None:
+                 sleep=asyncio.sleep, sinks: list | None = None, attach_cache=None, queue=None) -> None:
         self.clock = clock
         self.rng = rng or random.Random()
         self.sleep = sleep
         self.transport = Transport()
         self.registry = StateRegistry(clock)
         self.health: dict[str, HealthState] = {}
-        self.queue = None
+        self.queue = queue                   # sidecar.queue.DurableQueue, when a route has `queue:`
         self.attach_cache = attach_cache
         self.sink = FanoutSink(list(sinks or []))
+        # The `sampled` flag sent upstream: the trace exporter's head decision, or "not sampled".
+        samplers = [s.samples for s in self.sink.sinks if hasattr(s, "samples")]
+        self.head_sampler = samplers[0] if samplers else _never_sampled
         self.gen = Generation(policy, self)
         self.started_at = time.time()
         self.last_reload_error: str | None = None
@@ -82,6 +86,7 @@ class Runtime:
         self._servers: dict[str, tuple[Listener, web.Server, asyncio.AbstractServer]] = {}
         self._tasks: list[asyncio.Task] = []
         self._health_tasks: dict[str, asyncio.Task] = {}
+        self._reload_lock = asyncio.Lock()
 
     @property
     def policy(self) -> Policy:
@@ -105,45 +110,80 @@ class Runtime:
     def bound_port(self, name: str) -> int:
         return self._servers[name][2].sockets[0].getsockname()[1]
 
-    async def _apply_listeners(self, policy: Policy) -> None:
-        """Bind every new listener first; only when all bound are old ones closed (never half-applied)."""
-        new = {lst.name: lst for lst in policy.listeners}
-        old = {name: entry[0] for name, entry in self._servers.items()}
-        to_open = [lst for name, lst in new.items() if old.get(name) != lst]
-        to_close = [name for name, lst in old.items() if new.get(name) != lst]
-        opened: list[tuple[Listener, web.Server, asyncio.AbstractServer]] = []
-        # a listener moving ports or binds must release its old socket first only if it reuses the port
-        closing_ports = {(old[n].bind, old[n].port) for n in to_close}
+    async def _bind_new_listeners(self, policy: Policy) -> dict:
+        """Bind every listener address the new policy adds; one failure refuses the whole change.
+
+        Listeners are matched by address: one whose (bind, port) stays keeps its socket and only takes
+        its new settings (name, mode, upstream) in `_commit_listeners`. Nothing is closed here, so a
+        refusal leaves the old listeners serving untouched."""
+        held = {(lst.bind, lst.port) for lst, _, _ in self._servers.values()}
+        opened: dict[tuple[str, int], tuple[web.Server, asyncio.AbstractServer]] = {}
         try:
-            for lst in to_open:
-                if (lst.bind, lst.port) in closing_ports:
-                    raise OSError(f"listener {lst.name}: changing a listener in place on the same port "
-                                  "needs a restart")
-                server, srv = await self._bind(lst)
-                opened.append((lst, server, srv))
+            for lst in policy.listeners:
+                addr = (lst.bind, lst.port)
+                if addr in held:
+                    continue
+                moving = [f"{b}:{p}" for b, p in held if p == lst.port]
+                if moving:                   # Linux refuses the second bind while the first listens
+                    raise OSError(f"listener {lst.name}: moving {moving[0]} to {lst.bind}:{lst.port} "
+                                  "on the same port needs a restart")
+                opened[addr] = await self._bind(lst)
         except OSError as exc:
-            for _, _, srv in opened:
-                srv.close()
+            self._close_bound(opened)
             raise PolicyError([Problem(policy.source, 1, 1, f"listener change refused: {exc}")]) from exc
-        for name in to_close:
-            _, server, srv = self._servers.pop(name)
+        return opened
+
+    @staticmethod
+    def _close_bound(opened: dict) -> None:
+        for _, srv in opened.values():
             srv.close()
-            asyncio.get_running_loop().create_task(server.shutdown(10.0))
-        for lst, server, srv in opened:
-            self._servers[lst.name] = (lst, server, srv)
+
+    def _commit_listeners(self, policy: Policy, opened: dict) -> None:
+        """Synchronous, so the listeners and the generation change in one step of the loop."""
+        current = {(lst.bind, lst.port): (server, srv) for lst, server, srv in self._servers.values()}
+        servers: dict[str, tuple[Listener, web.Server, asyncio.AbstractServer]] = {}
+        for lst in policy.listeners:
+            addr = (lst.bind, lst.port)
+            if addr in current:
+                server, srv = current.pop(addr)
+                server.request_handler.listener = lst    # same socket; the next request sees the change
+            else:
+                server, srv = opened[addr]
+            servers[lst.name] = (lst, server, srv)
+        for server, srv in current.values():   # addresses the policy dropped: stop accepting, drain
+            srv.close()
+            task = asyncio.get_running_loop().create_task(server.shutdown(10.0))
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
+        self._servers = servers
 
     # -- reload ------------------------------------------------------------------------------------
     async def reload(self, path: str | None = None, trigger: str = "file") -> tuple[bool, str | None]:
-        path = path or self.policy.source
+        # One at a time: the file watcher, SIGHUP and POST /reload may fire together, and two reloads
+        # binding the same new listener would refuse each other.
+        async with self._reload_lock:
+            return await self._reload(path or self.policy.source, trigger)
+
+    async def _reload(self, path: str, trigger: str) -> tuple[bool, str | None]:
         old = self.policy
         try:
             policy = load_policy(path)
             if (policy.admin, policy.health) != (old.admin, old.health):
                 raise PolicyError([Problem(path, 1, 1, "admin and health endpoints change only on restart")])
             if policy.digest == old.digest:
+                if self.last_reload_error is not None:   # e.g. a bad edit reverted: nothing to report now
+                    log.info("policy file is back to the running version %s", old.digest)
+                    self.last_reload_error = None
                 return True, None
-            await self._apply_listeners(policy)
-            self.gen = Generation(policy, self)
+            opened = await self._bind_new_listeners(policy)
+            try:
+                gen = Generation(policy, self)
+            except Exception as exc:  # noqa: BLE001 - a bug, but the old policy must keep serving
+                self._close_bound(opened)
+                log.exception("building policy %s failed", policy.digest)
+                raise PolicyError([Problem(path, 1, 1, f"policy could not be applied: {exc!r}")]) from exc
+            self._commit_listeners(policy, opened)
+            self.gen = gen
             await self.transport.retain(policy.upstreams)
             self._sync_health_checks()
         except PolicyError as exc:
@@ -259,11 +299,18 @@ class Runtime:
         self._servers.clear()
         if self.queue is not None:
             await self.queue.close()
+        for state in self.registry.all():    # cache stores: pending writes, Redis connections
+            if state.cache is not None:
+                await state.cache.close()
         await self.transport.close()
         for sink in self.sink.sinks:
             shutdown = getattr(sink, "shutdown", None)
             if shutdown is not None:
                 shutdown()
+
+
+def _never_sampled(trace_id: str, parent_span_id: str | None, caller_sampled: bool) -> bool:
+    return False
 
 
 def serve(policy_path: str, *, workers: int = 1, drain_timeout: float = 20.0, log_level: str = "info") -> int:

@@ -37,7 +37,7 @@ async def send(ex: Exchange, call: Call) -> Reply:
     call.tries += 1
     ex.attempts += 1
     ex.record.tries.append(rec)
-    call.headers["traceparent"] = format_traceparent(ex.record.trace_id, rec.span_id, True)
+    call.headers["traceparent"] = format_traceparent(ex.record.trace_id, rec.span_id, ex.record.sampled)
     if ex.record.tracestate:
         call.headers["tracestate"] = ex.record.tracestate
     payload = call.body.payload()

@@ -257,7 +257,8 @@ def _record(gen, request: web.BaseRequest, route: str, listener: str, url: URL) 
         trace_id=trace_id, span_id=new_span_id(), parent_span_id=parent_id, caller_sampled=sampled,
         tracestate=request.headers.get("tracestate"), route=route, upstream=None, method=request.method,
         url=str(url.with_user(None)) if url.user else str(url), listener=listener,
-        policy_version=gen.policy.digest, start_ns=time.time_ns())
+        policy_version=gen.policy.digest, start_ns=time.time_ns(),
+        sampled=gen.head_sampler(trace_id, parent_id, sampled))
 
 
 class _DecisionOnly:

@@ -52,6 +52,7 @@ class RequestRecord:
     tries: list[TryRecord] = field(default_factory=list)
     decisions: list[DecisionRecord] = field(default_factory=list)
     decision_ns: list[int] = field(default_factory=list)   # time of each decision, same order
+    sampled: bool = False                  # the head sampling decision, propagated in traceparent
 
 
 class TelemetrySink(Protocol):
