@@ -13,6 +13,7 @@ from aiohttp import web
 from sidecar.admin.app import admin_app, health_app
 from sidecar.admin.events import EventHub
 from sidecar.policy.model import Policy
+from sidecar.queue import QueueError, open_queue
 from sidecar.runtime import Runtime
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.otel import OtelSink
@@ -48,8 +49,11 @@ async def start(policy: Policy, *, reuse_port: bool = False, admin: bool = True,
     otel = OtelSink.from_config(policy.telemetry)
     if otel is not None:
         sinks.append(otel)
-    runtime = Runtime(policy, sinks=sinks, attach_cache=_cache_feature(), **runtime_kwargs)
+    queue = await open_queue(policy)         # store-and-forward: None unless a route has `queue:`
+    runtime = Runtime(policy, sinks=sinks, attach_cache=_cache_feature(), queue=queue, **runtime_kwargs)
     holder.append(runtime)
+    if queue is not None:
+        queue.start(runtime)                 # writes left from before a restart start going out now
     sidecar = Sidecar(runtime, metrics, hub)
     await runtime.start_listeners(reuse_port=reuse_port)
     if admin:
@@ -81,7 +85,8 @@ def _fingerprint(path: str) -> tuple | None:
     """What changes when a file is edited in place, replaced, or swapped by a ConfigMap `..data` link."""
     try:
         st = os.stat(path)
-        return os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size
+        # ctime too: `cp -p` and rsync rewrite a file in place keeping its size and mtime
+        return os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
     except OSError:
         return None
 
@@ -89,24 +94,60 @@ def _fingerprint(path: str) -> tuple | None:
 async def watch_policy(runtime: Runtime, interval: float = WATCH_INTERVAL) -> None:
     """Polls the policy file: robust to symlink swaps and editors' rename-on-save, needs no inotify."""
     seen = _fingerprint(runtime.policy.source)
+    # The file may have changed since it was loaded (while the listeners bound): catch up once.
+    # A reload of unchanged bytes is a no-op.
+    await _reload_from_watcher(runtime)
     while True:
         await asyncio.sleep(interval)
         now = _fingerprint(runtime.policy.source)
         if now is not None and now != seen:
-            seen = now
-            await runtime.reload(trigger="file")
+            seen = now                       # taken before the read: a later write is seen next poll
+            await _reload_from_watcher(runtime)
+
+
+async def _reload_from_watcher(runtime: Runtime) -> None:
+    try:
+        await runtime.reload(trigger="file")
+    except Exception:  # noqa: BLE001 - the watcher must outlive any one reload
+        log.exception("policy reload from the file watcher failed")
 
 
 def run_forever(policy: Policy, *, workers: int = 1, drain_timeout: float = 20.0) -> int:
+    """Serve until SIGTERM. With `workers` > 1, that many processes share the listeners through
+    SO_REUSEPORT (the kernel spreads connections); the first one also serves the admin API."""
     try:
         import uvloop
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
         pass
-    return asyncio.run(_main(policy, drain_timeout))
+    if workers <= 1:
+        return asyncio.run(_main(policy, drain_timeout))
+    if any(route.queue is not None for route in policy.routes):
+        log.error("--workers > 1 is not supported with store-and-forward queues (one delivery loop per state_dir)")
+        return 1
+    children = []
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:                         # a worker: listeners only, no admin API, no watcher
+            os._exit(asyncio.run(_main(policy, drain_timeout, reuse_port=True, admin=False)))
+        children.append(pid)
+
+    def forward(signum, _frame) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = asyncio.run(_main(policy, drain_timeout, reuse_port=True, admin=True, children=forward))
+    for child in children:
+        os.waitpid(child, 0)
+    return code
 
 
-async def _main(policy: Policy, drain_timeout: float) -> int:
+async def _main(policy: Policy, drain_timeout: float, *, reuse_port: bool = False, admin: bool = True,
+                children=None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     terms = 0
@@ -114,15 +155,26 @@ async def _main(policy: Policy, drain_timeout: float) -> int:
     def on_term() -> None:
         nonlocal terms
         terms += 1
+        if children is not None:
+            children(signal.SIGTERM, None)
         if terms > 1:
             log.warning("second SIGTERM: exiting now")
             os._exit(0)
         stop.set()
 
-    sidecar = await start(policy)
+    def on_hup() -> None:
+        if children is not None:
+            children(signal.SIGHUP, None)
+        loop.create_task(sidecar.runtime.reload(trigger="SIGHUP"))
+
+    try:
+        sidecar = await start(policy, reuse_port=reuse_port, admin=admin)
+    except QueueError as exc:                # e.g. a state_dir that cannot be created: say so, exit 1
+        log.error("cannot start: %s", exc)
+        return 1
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(sidecar.runtime.reload(trigger="SIGHUP")))
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     listeners = ", ".join(f"{lst.name}={lst.mode}@{lst.bind}:{lst.port}" for lst in policy.listeners)
     log.info("sidecar ready: policy %s (%s); listeners %s; admin %s:%s", policy.digest, policy.source,
              listeners, policy.admin.bind, policy.admin.port)

@@ -110,10 +110,11 @@ class Metrics:
             code = str(record.status) if record.status else (record.error_type or "none")
             children = self._request_children[key] = (self._requests.labels(route, code),
                                                       self._duration.labels(route))
-        counter, histogram = children
-        counter.inc()
-        if record.end_ns:
-            histogram.observe((record.end_ns - record.start_ns) / 1e9)
+        if record.listener != "queue":      # a queued write's later delivery is not an answer to the app
+            counter, histogram = children
+            counter.inc()
+            if record.end_ns:
+                histogram.observe((record.end_ns - record.start_ns) / 1e9)
         for t in record.tries:
             code = str(t.status) if t.status is not None else (t.error_type or "cancelled")
             tkey = (route, self._upstream(t.upstream), code)
