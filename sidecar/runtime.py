@@ -24,8 +24,10 @@ from sidecar.policy.errors import PolicyError, Problem
 from sidecar.policy.load import load_policy
 from sidecar.policy.match import Router
 from sidecar.policy.model import Listener, Policy
+from sidecar.proxy.guard import GuardedServer
 from sidecar.proxy.server import ListenerHandler, replay_limit
 from sidecar.telemetry.records import FanoutSink
+from sidecar.telemetry.redact import install_log_redaction
 from sidecar.transport.client import Transport
 
 log = logging.getLogger("sidecar")
@@ -78,6 +80,7 @@ class Runtime:
         samplers = [s.samples for s in self.sink.sinks if hasattr(s, "samples")]
         self.head_sampler = samplers[0] if samplers else _never_sampled
         self.gen = Generation(policy, self)
+        install_log_redaction(self)          # every log record, aiohttp's too, scrubbed of secrets
         self.started_at = time.time()
         self.last_reload_error: str | None = None
         self.reloads = {"success": 0, "failure": 0}
@@ -94,7 +97,8 @@ class Runtime:
 
     # -- listeners ---------------------------------------------------------------------------------
     async def _bind(self, listener: Listener, reuse_port: bool = False) -> tuple[web.Server, asyncio.AbstractServer]:
-        server = web.Server(ListenerHandler(self, listener), access_log=None, **SERVER_LIMITS)
+        # header-read and idle timeouts, header size cap, no echo of bad lines: see proxy/guard.py
+        server = GuardedServer(ListenerHandler(self, listener), access_log=None, **SERVER_LIMITS)
         loop = asyncio.get_running_loop()
         srv = await loop.create_server(server, listener.bind, listener.port, reuse_address=True,
                                        reuse_port=reuse_port or None, backlog=1024)
@@ -194,6 +198,10 @@ class Runtime:
             self._background(Decision.CONFIG_REJECTED, message[:500])
             return False, message
         self.last_reload_error = None
+        if self.queue is None and any(r.queue is not None for r in policy.routes):
+            log.warning("policy %s adds a store-and-forward queue: it takes effect on the next restart "
+                        "(the queue's state_dir is opened at start); until then those writes are not queued",
+                        policy.digest)
         self.reloads["success"] += 1
         log.info("policy reloaded (%s): version %s -> %s", trigger, old.digest, policy.digest)
         self._background(Decision.CONFIG_RELOADED, f"{trigger}: {old.digest} -> {policy.digest}")
