@@ -47,6 +47,14 @@ def health_routes(runtime) -> list[web.RouteDef]:
 def admin_app(runtime, metrics, hub: EventHub) -> web.Application:
     app = web.Application()
     app.add_routes(health_routes(runtime))
+    # An SSE stream never ends by itself: without this, a graceful shutdown waits the runner's whole
+    # shutdown_timeout (60 s) for every open dashboard (aiohttp: on_shutdown is for long-lived streams).
+    streams: set[asyncio.Task] = set()
+
+    async def close_streams(app: web.Application) -> None:
+        for task in list(streams):
+            task.cancel()
+    app.on_shutdown.append(close_streams)
 
     async def metrics_handler(request: web.Request) -> web.Response:
         body, content_type = metrics.render(request.headers.get("accept"))
@@ -77,6 +85,7 @@ def admin_app(runtime, metrics, hub: EventHub) -> web.Application:
                                            "x-accel-buffering": "no"})
         await resp.prepare(request)
         client = hub.subscribe()
+        streams.add(asyncio.current_task())
         try:
             for doc in list(hub.recent)[-20:]:
                 await resp.write(f"event: decision\ndata: {json.dumps(doc)}\n\n".encode())
@@ -95,6 +104,7 @@ def admin_app(runtime, metrics, hub: EventHub) -> web.Application:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            streams.discard(asyncio.current_task())
             hub.unsubscribe(client)
         return resp
 
