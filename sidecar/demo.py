@@ -184,10 +184,11 @@ async def _run(sidecar, ups, ports, tally: Tally, requests: int) -> None:
                         tally.add(label, r.status, r.headers, time.perf_counter() - t0)
             await asyncio.gather(*(one(i) for i in range(n)))
 
-        async def chat(label: str, n: int, model: str = "gpt-4o") -> None:
+        async def chat(label: str, n: int, model: str = "gpt-4o", prompt: str = "q") -> None:
             for i in range(n):
                 t0 = time.perf_counter()
-                async with s.post(llm, json={"model": model, "messages": [{"role": "user", "content": f"q{i % 3}"}]}) as r:
+                body = {"model": model, "messages": [{"role": "user", "content": f"{prompt}{i % 3}"}]}
+                async with s.post(llm, json=body) as r:
                     await r.read()
                     tally.add(label, r.status, r.headers, time.perf_counter() - t0)
 
@@ -200,13 +201,13 @@ async def _run(sidecar, ups, ports, tally: Tally, requests: int) -> None:
             await asyncio.sleep(0.05)
         await get("hung-service: never answers", "hung.demo", max(20, requests // 5))
         print("4. an LLM provider outage: backup provider, then the stale cache, then a static answer")
-        await chat("chat: provider healthy", 6)
+        await chat("chat: provider healthy (3 cached)", 6)
         await ups["provider"].down()
-        await chat("chat: provider down -> backup", 6)
+        await chat("chat: provider down -> backup", 6, prompt="new question ")
         await ups["backup"].down()
         await asyncio.sleep(1.1)           # let the cached answers pass their 1s ttl: they are stale now
         await chat("chat: both down -> stale cache", 3)
-        await chat("chat: both down, uncached -> static", 3, model="gpt-5")
+        await chat("chat: both down, uncached -> static", 3, prompt="never asked ")
         print()
 
 

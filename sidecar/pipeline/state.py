@@ -50,6 +50,9 @@ class RouteState:
             self.bucket = None
         elif self.bucket is None or old.rate_limit != route.rate_limit:
             self.bucket = TokenBucket(route.rate_limit.per_second, route.rate_limit.burst, self.clock)
+        if route.cache is None and self.cache is not None:
+            self.cache.retire()              # a reload dropped `cache:` (attach_cache binds it otherwise)
+            self.cache = None
         if route.breaker is None:
             self.breakers.clear()
         else:
@@ -65,6 +68,8 @@ class RouteState:
             br = self.breakers[target] = CircuitBreaker(policy, self.clock)
             if len(self.breakers) > MAX_BREAKERS_PER_ROUTE:
                 self.breakers.popitem(last=False)
+        else:
+            self.breakers.move_to_end(target)   # recently used: a scan of new hosts evicts idle ones first
         return br
 
 

@@ -1,0 +1,1 @@
+"""Where cached responses live: a bounded in-process LRU, or Redis shared by every replica."""
