@@ -1,0 +1,418 @@
+"""Schema-valid policy data -> frozen records, with the checks a schema cannot express.
+
+Cross-references (an `upstream` that is not defined, two listeners on one port, a regex that does not
+compile, a `body_file` that cannot be read) are found here, each reported at the line of the value at
+fault. `defaults` are merged under every route key by key before its records are built; a value that came
+from `defaults` is reported at its line in `defaults`, since that is where the operator must fix it.
+"""
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import re
+from collections.abc import Callable
+from dataclasses import MISSING, fields, replace
+from urllib.parse import urlsplit
+
+from sidecar.policy import yaml12
+from sidecar.policy.dump import policy_data
+from sidecar.policy.errors import PolicyError, Problem, suggest
+from sidecar.policy.merge import deep_merge, has_path
+from sidecar.policy.model import (
+    BackoffPolicy, BreakerPolicy, BudgetPolicy, CachePolicy, ConcurrencyPolicy, Conditions, Endpoint,
+    FallbackPolicy, FallbackTarget, FaultAbort, FaultDelay, FaultPolicy, HeaderMatch, HealthCheck,
+    HedgePolicy, JsonCondition, JsonMap, Listener, Match, Policy, QueuePolicy, RateLimitPolicy,
+    RetryPolicy, Rewrite, Route, SlowCall, StaticResponse, Telemetry, TlsConfig, TracesConfig, Upstream,
+    WarmPath,
+)
+from sidecar.policy.units import parse_duration, parse_size
+
+DEFAULT_STATE_DIR = "/var/lib/sidecar"
+DEFAULT_LISTENER = Listener(name="egress", mode="proxy", port=15001)
+DEFAULT_PORTS = {"proxy": 15001, "transparent": 15006}
+DEFAULT_ADMIN = Endpoint("127.0.0.1", 15000)
+DEFAULT_HEALTH = Endpoint("0.0.0.0", 15021)
+# When `fallback.when` / `queue.when` are left out: the failures the SPEC's example lists.
+DEFAULT_FALLBACK_WHEN = ["breaker-open", "retries-exhausted", "timeout", "concurrency-full",
+                         "connect-failure", "reset", "5xx"]
+DEFAULT_QUEUE_WHEN = ["breaker-open", "retries-exhausted"]
+MAX_BODY_FILE = 16 * 1024 * 1024
+_WILDCARD_BINDS = {"0.0.0.0", "::", "[::]", "*", ""}
+
+Path = tuple
+Convert = Callable[[object, Path], object]
+
+
+def build_policy(doc: yaml12.Document, file: str, *, digest: str, secrets: tuple[str, ...]) -> Policy:
+    builder = _Builder(doc, file)
+    policy = builder.policy(digest, secrets)
+    if builder.problems:
+        raise PolicyError(builder.problems)
+    return replace(policy, redacted=policy_data(policy, redact=True))
+
+
+def _default(cls: type, name: str) -> object:
+    for f in fields(cls):
+        if f.name == name:
+            return f.default_factory() if f.default is MISSING else f.default   # type: ignore[misc]
+    raise AttributeError(name)
+
+
+def _int(value: object, _: Path) -> int:
+    return int(value)  # type: ignore[arg-type]   # the schema admits 3.0 as an integer
+
+
+def _float(value: object, _: Path) -> float:
+    return float(value)  # type: ignore[arg-type]
+
+
+def _same(value: object, _: Path) -> object:
+    return value
+
+
+def _methods(value: object, _: Path) -> frozenset[str]:
+    return frozenset(m.upper() for m in value)  # type: ignore[union-attr]
+
+
+def _pairs(value: object, _: Path) -> tuple[tuple[str, str], ...]:
+    return tuple(value.items())  # type: ignore[union-attr]
+
+
+def _dotted(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
+class _Builder:
+    def __init__(self, doc: yaml12.Document, file: str):
+        self.doc, self.file, self.data = doc, file, doc.data
+        self.base_dir = os.path.dirname(os.path.abspath(file))
+        self.problems: list[Problem] = []
+        self.upstream_names = set(self.data.get("upstreams") or {})
+        # Where a value was written: the route first, then `defaults` (see `_locate`).
+        self.layers: list[tuple[Path, object]] = [((), self.data)]
+
+    # --- reporting ----------------------------------------------------------------------------------
+    def fail(self, sub: Path, message: str) -> None:
+        self.problems.append(Problem(self.file, *self.doc.value_pos(self._locate(sub)), message))
+
+    def _locate(self, sub: Path) -> Path:
+        for prefix, raw in self.layers:
+            if has_path(raw, sub):
+                return prefix + sub
+        return self.layers[0][0] + sub
+
+    def pick(self, data: dict, sub: Path, **convert: Convert) -> dict:
+        """Convert the keys present; absent keys are left to the dataclass defaults."""
+        return {k: convert[k](v, sub + (k,)) for k, v in data.items() if k in convert}
+
+    def duration(self, value: object, sub: Path) -> float:
+        try:
+            return parse_duration(value)
+        except ValueError:
+            self.fail(sub, f"{value!r} is not a duration this sidecar can wait for")
+            return 0.0
+
+    def optional_duration(self, value: object, sub: Path) -> float | None:
+        return None if value is None else self.duration(value, sub)
+
+    def size(self, value: object, sub: Path) -> int:
+        try:
+            return parse_size(value)
+        except ValueError:
+            self.fail(sub, f"{value!r} is not a size")
+            return 0
+
+    def upstream_ref(self, name: object, sub: Path) -> str:
+        if name not in self.upstream_names:
+            defined = ", ".join(sorted(self.upstream_names)) or "none"
+            self.fail(sub, f"unknown upstream '{name}'{suggest(str(name), self.upstream_names)}"
+                           f" (defined: {defined})")
+        return str(name)
+
+    # --- top level ----------------------------------------------------------------------------------
+    def policy(self, digest: str, secrets: tuple[str, ...]) -> Policy:
+        d = self.data
+        upstreams = {name: self.upstream(name, u, ("upstreams", name))
+                     for name, u in (d.get("upstreams") or {}).items()}
+        admin = self.endpoint(d.get("admin"), DEFAULT_ADMIN)
+        health = self.endpoint(d.get("health"), DEFAULT_HEALTH)
+        listeners = self.listeners(d.get("listeners"))
+        self.check_ports(listeners, admin, health)
+        defaults_raw = d.get("defaults") or {}
+        self.layers = [(("defaults",), defaults_raw)]
+        defaults_line = self.doc.key_pos(("defaults",))[0] if "defaults" in d else 0
+        defaults = self.route("default", defaults_raw, defaults_line)
+        routes = self.routes(d.get("routes") or [], defaults_raw)
+        self.layers = [((), d)]
+        return Policy(
+            version=1, listeners=listeners, admin=admin, health=health,
+            telemetry=self.telemetry(d.get("telemetry") or {}), unmatched=d.get("unmatched", "passthrough"),
+            upstreams=upstreams, defaults=defaults, routes=routes,
+            state_dir=os.path.join(self.base_dir, d.get("state_dir", DEFAULT_STATE_DIR)),
+            source=self.file, digest=digest,
+            redacted={}, secrets=secrets)
+
+    def endpoint(self, d: dict | None, default: Endpoint) -> Endpoint:
+        d = d or {}
+        return Endpoint(bind=d.get("bind", default.bind), port=int(d.get("port", default.port)))
+
+    def telemetry(self, d: dict) -> Telemetry:
+        traces = TracesConfig(**self.pick(d.get("traces") or {}, ("telemetry", "traces"),
+                                          endpoint=_same, protocol=_same, sample_ratio=_float))
+        return Telemetry(**self.pick(d, ("telemetry",), service_name=_same), traces=traces)
+
+    def listeners(self, items: list | None) -> tuple[Listener, ...]:
+        if items is None:
+            return (DEFAULT_LISTENER,)
+        modes = [d.get("mode", "proxy") for d in items]
+        out, seen = [], {}
+        for i, d in enumerate(items):
+            sub, mode = ("listeners", i), modes[i]
+            port = d.get("port", DEFAULT_PORTS.get(mode))
+            name = d.get("name") or (mode if modes.count(mode) == 1 else f"{mode}-{port}")
+            if port is None:
+                self.fail(sub, f"listener '{name}': a reverse listener needs a port")
+            upstream = d.get("upstream")
+            if mode == "reverse" and upstream is None:
+                self.fail(sub, f"listener '{name}': a reverse listener needs an upstream")
+            elif mode != "reverse" and upstream is not None:
+                self.fail(sub + ("upstream",), f"listener '{name}': only a reverse listener has an upstream")
+            elif upstream is not None:
+                self.upstream_ref(upstream, sub + ("upstream",))
+            if name in seen:
+                self.fail(sub, f"duplicate listener name '{name}' (first at line {seen[name]})")
+            seen.setdefault(name, self.doc.value_pos(sub)[0])
+            out.append(Listener(name=name, mode=mode, port=int(port or 0),
+                                bind=d.get("bind", "127.0.0.1"), upstream=upstream))
+        return tuple(out)
+
+    def check_ports(self, listeners: tuple[Listener, ...], admin: Endpoint, health: Endpoint) -> None:
+        taken: list[tuple[str, str, int]] = []
+        # admin and health first: when they clash with a listener, the listener's line is the useful one.
+        sockets = [("the admin endpoint", admin.bind, admin.port, ("admin", "port")),
+                   ("the health endpoint", health.bind, health.port, ("health", "port"))]
+        sockets += [(f"listener '{l.name}'", l.bind, l.port, ("listeners", i, "port"))
+                    for i, l in enumerate(listeners)]
+        for label, bind, port, sub in sockets:
+            for other, other_bind, other_port in taken:
+                overlap = bind == other_bind or bind in _WILDCARD_BINDS or other_bind in _WILDCARD_BINDS
+                if port and port == other_port and overlap:
+                    self.fail(sub, f"{label}: port {port} is already used by {other}")
+                    break
+            taken.append((label, bind, port))
+
+    def upstream(self, name: str, d: dict, sub: Path) -> Upstream:
+        url = d["url"]
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+            host = parts.hostname or ""
+        except ValueError as exc:
+            self.fail(sub + ("url",), f"invalid url {url!r}: {exc}")
+            parts, port, host = urlsplit("http://invalid"), None, "invalid"
+        if parts.query or parts.fragment:
+            self.fail(sub + ("url",), "an upstream url has no query or fragment")
+        if parts.username is not None or parts.password is not None:
+            self.fail(sub + ("url",), "credentials go in the upstream's headers, not its url")
+        scheme = parts.scheme.lower()
+        kw = self.pick(d, sub, connect_timeout=self.duration, max_connections=_int, headers=_pairs,
+                       health_check=self.health_check, tls=self.tls)
+        return Upstream(name=name, url=url, scheme=scheme, host=f"[{host}]" if ":" in host else host,
+                        port=port if port is not None else (443 if scheme == "https" else 80),
+                        base_path=parts.path.rstrip("/"), **kw)
+
+    def health_check(self, d: dict, sub: Path) -> HealthCheck:
+        return HealthCheck(**self.pick(d, sub, path=_same, interval=self.duration, timeout=self.duration,
+                                       unhealthy_after=_int, healthy_after=_int))
+
+    def tls(self, d: dict, sub: Path) -> TlsConfig:
+        kw = self.pick(d, sub, ca_file=_same, verify=_same, server_name=_same)
+        if "ca_file" in kw:               # relative to the policy file, like body_file
+            kw["ca_file"] = os.path.join(self.base_dir, kw["ca_file"])
+        return TlsConfig(**kw)
+
+    # --- routes -------------------------------------------------------------------------------------
+    def routes(self, items: list, defaults_raw: dict) -> tuple[Route, ...]:
+        out, seen = [], {}
+        for i, raw in enumerate(items):
+            sub = ("routes", i)
+            self.layers = [(sub, raw), (("defaults",), defaults_raw)]
+            name, line = raw["name"], self.doc.value_pos(sub)[0]
+            if name == "default":
+                self.fail(("name",), "the route name 'default' is reserved for unmatched requests")
+            if name in seen:
+                self.fail(("name",), f"duplicate route name '{name}' (first at line {seen[name]})")
+            seen.setdefault(name, line)
+            out.append(self.route(name, deep_merge(defaults_raw, raw), line))
+        return tuple(out)
+
+    def route(self, name: str, d: dict, line: int) -> Route:
+        kw = self.pick(d, (), match=self.match, upstream=self.upstream_ref, timeout=self.duration,
+                       per_try_timeout=self.optional_duration, retry=self.retry, breaker=self.breaker,
+                       concurrency=self.concurrency, hedge=self.hedge, cache=self.cache,
+                       fallback=self.fallback, queue=self.queue, mode=_same, fault=self.fault,
+                       rate_limit=self.rate_limit, allow_internal=_same)
+        route = Route(name=name, line=line, **kw)
+        if route.fallback and route.cache is None:
+            for i, target in enumerate(route.fallback.targets):
+                if target.kind == "cache":
+                    self.fail(("fallback", "targets", i), "a {cache: stale} target needs a cache on the route")
+        return route
+
+    def match(self, d: dict, sub: Path) -> Match:
+        host = d.get("host")
+        host = None if host in (None, "*") else host.lower().rstrip(".")
+        headers = tuple(self.header_match(h, sub + ("headers", i)) for i, h in enumerate(d.get("headers", [])))
+        regex = d.get("path_regex")
+        return Match(host=host, path=d.get("path"), path_prefix=d.get("path_prefix"),
+                     path_regex=None if regex is None else self.regex(regex, sub + ("path_regex",)),
+                     methods=_methods(d["methods"], ()) if "methods" in d else None, headers=headers)
+
+    def header_match(self, d: dict, sub: Path) -> HeaderMatch:
+        regex = d.get("regex")
+        return HeaderMatch(name=d["name"].lower(), exact=d.get("exact"), present=d.get("present"),
+                           regex=None if regex is None else self.regex(regex, sub + ("regex",)))
+
+    def regex(self, pattern: str, sub: Path) -> re.Pattern[str] | None:
+        try:
+            return re.compile(pattern)
+        except re.error as exc:
+            self.fail(sub, f"invalid regex {pattern!r}: {exc.msg} at position {exc.pos}")
+        except (RecursionError, OverflowError, ValueError) as exc:
+            self.fail(sub, f"invalid regex {pattern!r}: {exc}")
+        return None
+
+    def conditions(self, items: list, sub: Path) -> Conditions:
+        names = frozenset(i for i in items if isinstance(i, str))
+        statuses = frozenset(int(i) for i in items if isinstance(i, (int, float)))
+        js = tuple(JsonCondition(_dotted(i["json"]), i["equals"]) for i in items if isinstance(i, dict))
+        return Conditions(names=names, statuses=statuses, json=js)
+
+    def retry(self, d: dict | None, sub: Path) -> RetryPolicy | None:
+        if d is None:
+            return None
+        return RetryPolicy(**self.pick(
+            d, sub, max_retries=_int, when=self.conditions, methods=_methods, backoff=self.backoff,
+            respect_retry_after=_same, max_body=self.size, budget=self.budget))
+
+    def backoff(self, d: dict, sub: Path) -> BackoffPolicy:
+        return BackoffPolicy(**self.pick(d, sub, base=self.duration, max=self.duration))
+
+    def budget(self, d: dict | None, sub: Path) -> BudgetPolicy | None:
+        if d is None:
+            return None
+        return BudgetPolicy(**self.pick(d, sub, ratio=_float, min_per_second=_float, window=self.duration))
+
+    def breaker(self, d: dict | None, sub: Path) -> BreakerPolicy | None:
+        if d is None:
+            return None
+        return BreakerPolicy(**self.pick(
+            d, sub, consecutive_failures=lambda v, _: None if v is None else int(v),
+            failure_rate=lambda v, _: None if v is None else float(v), min_requests=_int,
+            window=self.duration, slow_call=self.slow_call, open_for=self.duration,
+            max_open_for=self.duration, half_open_requests=_int))
+
+    def slow_call(self, d: dict | None, sub: Path) -> SlowCall | None:
+        if d is None:
+            return None
+        return SlowCall(duration=self.duration(d["duration"], sub + ("duration",)), rate=float(d["rate"]))
+
+    def concurrency(self, d: dict | None, sub: Path) -> ConcurrencyPolicy | None:
+        return None if d is None else ConcurrencyPolicy(max=int(d["max"]))
+
+    def hedge(self, d: dict | None, sub: Path) -> HedgePolicy | None:
+        if d is None:
+            return None
+        return HedgePolicy(**self.pick(d, sub, delay=self.duration, max_extra=_int))
+
+    def cache(self, d: dict | None, sub: Path) -> CachePolicy | None:
+        if d is None:
+            return None
+        kw = self.pick(d, sub, ttl=self.duration, stale_if_error=self.duration,
+                       stale_while_revalidate=self.duration, max_entries=_int, max_bytes=self.size,
+                       max_body=self.size, store=_same,
+                       key=lambda v, _: tuple(k if ":" not in k else "header:" + k[7:].lower() for k in v),
+                       statuses=lambda v, _: frozenset(int(s) for s in v))
+        ttl = kw.get("ttl", _default(CachePolicy, "ttl"))
+        # A warm path without `every` is refreshed once per ttl: it never goes stale.
+        kw["warm"] = tuple(WarmPath(path=w["path"], every=self.duration(w.get("every", ttl), sub + ("warm", i)))
+                           for i, w in enumerate(d.get("warm", [])))
+        return CachePolicy(**kw)
+
+    def fallback(self, d: dict | None, sub: Path) -> FallbackPolicy | None:
+        if d is None:
+            return None
+        when = self.conditions(d.get("when", DEFAULT_FALLBACK_WHEN), sub + ("when",))
+        targets = tuple(self.target(t, sub + ("targets", i)) for i, t in enumerate(d["targets"]))
+        hedge = self.duration(d["hedge"], sub + ("hedge",)) if "hedge" in d else None
+        return FallbackPolicy(when=when, targets=targets, hedge=hedge)
+
+    def target(self, d: dict, sub: Path) -> FallbackTarget:
+        if "cache" in d:
+            return FallbackTarget(kind="cache")
+        if "static" in d:
+            return FallbackTarget(kind="static", static=self.static(d["static"], sub + ("static",)))
+        rewrite = self.rewrite(d["rewrite"], sub + ("rewrite",)) if "rewrite" in d else None
+        return FallbackTarget(kind="upstream", upstream=self.upstream_ref(d["upstream"], sub + ("upstream",)),
+                              rewrite=rewrite)
+
+    def rewrite(self, d: dict, sub: Path) -> Rewrite:
+        maps = tuple(JsonMap(path=_dotted(field), default=m.get("*"), has_default="*" in m,
+                             mapping=tuple((k, v) for k, v in m.items() if k != "*"))
+                     for field, m in d.get("json_map", {}).items())
+        sets = tuple((_dotted(field), value) for field, value in d.get("json_set", {}).items())
+        return Rewrite(path=d.get("path"), set_headers=tuple(d.get("headers", {}).items()),
+                       remove_headers=tuple(h.lower() for h in d.get("remove_headers", [])),
+                       json_map=maps, json_set=sets)
+
+    def static(self, d: dict, sub: Path) -> StaticResponse:
+        headers = tuple((k, v) for k, v in d.get("headers", {}).items() if k.lower() != "content-type")
+        content_type = next((v for k, v in d.get("headers", {}).items() if k.lower() == "content-type"), None)
+        body = b""
+        if "json" in d:
+            body = json.dumps(d["json"], separators=(",", ":"), ensure_ascii=False).encode()
+            content_type = content_type or "application/json"
+        elif "body" in d:
+            body = d["body"].encode()
+        elif "body_file" in d:
+            body = self.body_file(d["body_file"], sub + ("body_file",))
+            content_type = content_type or mimetypes.guess_type(d["body_file"])[0]
+        return StaticResponse(status=int(d.get("status", 200)), headers=headers, body=body,
+                              content_type=content_type)
+
+    def body_file(self, name: str, sub: Path) -> bytes:
+        path = os.path.join(self.base_dir, name)
+        try:
+            with open(path, "rb") as f:
+                body = f.read(MAX_BODY_FILE + 1)
+        except (OSError, ValueError) as exc:
+            self.fail(sub, f"cannot read body_file {name!r}: {getattr(exc, 'strerror', None) or exc}")
+            return b""
+        if len(body) > MAX_BODY_FILE:
+            self.fail(sub, f"body_file {name!r} is larger than {MAX_BODY_FILE} bytes")
+        return body
+
+    def queue(self, d: dict | None, sub: Path) -> QueuePolicy | None:
+        if d is None:
+            return None
+        kw = self.pick(d, sub, max_items=_int, max_age=self.duration)
+        return QueuePolicy(when=self.conditions(d.get("when", DEFAULT_QUEUE_WHEN), sub + ("when",)), **kw)
+
+    def fault(self, d: dict | None, sub: Path) -> FaultPolicy | None:
+        if d is None:
+            return None
+        abort, delay, header = d.get("abort"), d.get("delay"), d.get("header")
+        return FaultPolicy(
+            abort=FaultAbort(int(abort["status"]), float(abort["percent"])) if abort else None,
+            delay=FaultDelay(self.duration(delay["duration"], sub + ("delay", "duration")),
+                             float(delay["percent"])) if delay else None,
+            header=(header["name"].lower(), header.get("value")) if header else None)
+
+    def rate_limit(self, d: dict | None, sub: Path) -> RateLimitPolicy | None:
+        if d is None:
+            return None
+        per_second = float(d["per_second"])
+        # Without `burst`, a bucket holds one second's worth (at least one request).
+        burst = int(d["burst"]) if "burst" in d else max(1, round(per_second))
+        return RateLimitPolicy(per_second=per_second, burst=burst)
