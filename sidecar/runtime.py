@@ -49,7 +49,7 @@ class Generation:
         self.replay_limits = {r.name: replay_limit(r) for r in routes}
         for route in routes:
             if route.cache is not None and runtime.attach_cache is not None:
-                runtime.attach_cache(self.states[route.name], route)
+                runtime.attach_cache(self.states[route.name], route, runtime)
         self.transport = runtime.transport
         self.sink = runtime.sink
         self.clock = runtime.clock
@@ -90,6 +90,7 @@ class Runtime:
         self._tasks: list[asyncio.Task] = []
         self._health_tasks: dict[str, asyncio.Task] = {}
         self._reload_lock = asyncio.Lock()
+        self._reuse_port = False             # --workers: every process binds each listener (SO_REUSEPORT)
 
     @property
     def policy(self) -> Policy:
@@ -98,13 +99,16 @@ class Runtime:
     # -- listeners ---------------------------------------------------------------------------------
     async def _bind(self, listener: Listener, reuse_port: bool = False) -> tuple[web.Server, asyncio.AbstractServer]:
         # header-read and idle timeouts, header size cap, no echo of bad lines: see proxy/guard.py
-        server = GuardedServer(ListenerHandler(self, listener), access_log=None, **SERVER_LIMITS)
+        handler = ListenerHandler(self, listener)
+        server = GuardedServer(handler, access_log=None, **SERVER_LIMITS)
+        server.listener_handler = handler    # a reload changes the listener's settings here, in place
         loop = asyncio.get_running_loop()
         srv = await loop.create_server(server, listener.bind, listener.port, reuse_address=True,
                                        reuse_port=reuse_port or None, backlog=1024)
         return server, srv
 
     async def start_listeners(self, reuse_port: bool = False) -> None:
+        self._reuse_port = reuse_port        # a listener added by a reload is shared the same way
         for listener in self.policy.listeners:
             server, srv = await self._bind(listener, reuse_port)
             self._servers[listener.name] = (listener, server, srv)
@@ -131,7 +135,7 @@ class Runtime:
                 if moving:                   # Linux refuses the second bind while the first listens
                     raise OSError(f"listener {lst.name}: moving {moving[0]} to {lst.bind}:{lst.port} "
                                   "on the same port needs a restart")
-                opened[addr] = await self._bind(lst)
+                opened[addr] = await self._bind(lst, self._reuse_port)
         except OSError as exc:
             self._close_bound(opened)
             raise PolicyError([Problem(policy.source, 1, 1, f"listener change refused: {exc}")]) from exc
@@ -150,7 +154,7 @@ class Runtime:
             addr = (lst.bind, lst.port)
             if addr in current:
                 server, srv = current.pop(addr)
-                server.request_handler.listener = lst    # same socket; the next request sees the change
+                server.listener_handler.listener = lst   # same socket; the next request sees the change
             else:
                 server, srv = opened[addr]
             servers[lst.name] = (lst, server, srv)

@@ -33,7 +33,10 @@ class RequestBody:
     def payload(self) -> bytes | AsyncIterator[bytes] | None:
         """What the transport sends. A streamed body can be sent once; later calls get `None`."""
         if self.data is not None:
-            return self.data
+            # No body: None, not b"" -- aiohttp wraps b"" in a payload and, on Python 3.11, spawns a
+            # body-writer task for it on every request. With None it still sends Content-Length: 0
+            # for methods that expect a body.
+            return self.data or None
         if self._consumed:
             return None
         self._consumed = True

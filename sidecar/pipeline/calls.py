@@ -34,7 +34,11 @@ def make_call(ex: Exchange, upstream: Upstream | None, *, headers: CIMultiDict |
     headers = CIMultiDict(ex.headers) if headers is None else headers
     path_qs = _path_qs(ex.url) if path_qs is None else path_qs
     if upstream is None:
-        url = URL(f"{ex.url.scheme}://{ex.url.raw_authority}{path_qs}", encoded=True)
+        authority = ex.url.raw_authority
+        if ex.connect_to is not None:        # the Host header (kept in `headers`) is not re-resolved
+            ip, port = ex.connect_to
+            authority = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        url = URL(f"{ex.url.scheme}://{authority}{path_qs}", encoded=True)
         name = f"{ex.url.host}:{ex.url.port}"
         hostname = None
     else:

@@ -84,7 +84,8 @@ class Exchange:
     """The state of one app request as it crosses the route's stack."""
 
     __slots__ = ("route", "state", "runtime", "method", "url", "headers", "body", "deadline",
-                 "record", "attempts", "enforce", "retries_exhausted", "cache_key", "primary_status")
+                 "record", "attempts", "enforce", "retries_exhausted", "cache_key", "primary_status",
+                 "connect_to")
 
     def __init__(self, *, route: "Route", state: "RouteState", runtime, method: str, url: URL,
                  headers: CIMultiDict, body: "RequestBody", deadline: float, record: RequestRecord) -> None:
@@ -102,6 +103,9 @@ class Exchange:
         self.retries_exhausted = False
         self.cache_key: str | None = None
         self.primary_status: int | None = None
+        # Transparent mode: the address the app connected to (SO_ORIGINAL_DST). A call with no upstream
+        # connects there, whatever the Host header says; `url` keeps the Host for routes, keys, traces.
+        self.connect_to: tuple[str, int] | None = None
 
     def remaining(self) -> float:
         return self.deadline - self.runtime.clock.monotonic()

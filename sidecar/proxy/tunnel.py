@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
+from sidecar.transport.egress import EgressRefused, refused_target, resolve_checked
 
 CONNECT_TIMEOUT = 5.0
 
@@ -53,6 +54,10 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
     route = gen.router.match("CONNECT", host, "", request.headers) or gen.policy.defaults
     if gen.policy.unmatched == "deny" and route is gen.policy.defaults:
         return _error(403, "no route matches this CONNECT and unmatched is deny")
+    own_ports = None if route.allow_internal else frozenset(gen.own_ports)
+    internal = refused_target(host, port, own_ports) if own_ports is not None else None
+    if internal is not None:
+        return _error(403, f"{internal}; a route must allow_internal")
     name = f"{host}:{port}"
     upstream = gen.policy.upstreams.get(route.upstream) if route.upstream else None
     timeout = upstream.connect_timeout if upstream else CONNECT_TIMEOUT
@@ -74,7 +79,13 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
             return _error(503, f"circuit breaker for {name} is open")
     started = gen.clock.monotonic()
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(_open(host, port, own_ports), timeout)
+    except EgressRefused as exc:             # a name that resolves to metadata or to the sidecar
+        if breaker is not None:
+            breaker.release()
+        record.status = 403
+        _finish(gen, record)
+        return _error(403, str(exc))
     except (OSError, asyncio.TimeoutError) as exc:
         try_rec.error_type = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect-failure"
         try_rec.end_ns = time.time_ns()
@@ -113,6 +124,19 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
     # aiohttp's protocol no longer owns the socket: tell it the connection is gone so it cleans up.
     request.protocol.connection_lost(None)
     return web.Response(headers=CIMultiDict())
+
+
+async def _open(host: str, port: int, own_ports: frozenset[int] | None):
+    """Connect; unless the route allows internal targets, only to addresses the egress guard passed."""
+    if own_ports is None:
+        return await asyncio.open_connection(host, port)
+    error: OSError | None = None
+    for addr in await resolve_checked(host, port, own_ports):
+        try:
+            return await asyncio.open_connection(addr, port)
+        except OSError as exc:
+            error = exc
+    raise error or OSError(f"{host}: no address")
 
 
 def _decide(gen, record: RequestRecord, decision: Decision, reason: str, upstream: str) -> None:

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.policy.model import Upstream
+from sidecar.transport.egress import EGRESS_GUARD, GuardedResolver
 from sidecar.transport.errors import UpstreamFailure, translate
 
 PASSTHROUGH_CONNECT_TIMEOUT = 5.0
@@ -31,11 +32,12 @@ class PoolKey:
     max_connections: int
     ca_file: str | None
     verify: bool
+    guarded: bool = False                  # resolves through the egress guard (proxy listener)
 
 
-def _key(up: Upstream | None) -> PoolKey:
+def _key(up: Upstream | None, guarded: bool = False) -> PoolKey:
     if up is None:
-        return PoolKey(None, "", PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_MAX_CONNECTIONS, None, True)
+        return PoolKey(None, "", PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_MAX_CONNECTIONS, None, True, guarded)
     return PoolKey(up.name, up.origin, up.connect_timeout, up.max_connections, up.tls.ca_file, up.tls.verify)
 
 
@@ -52,13 +54,16 @@ class Transport:
     def __init__(self) -> None:
         self._pools: dict[PoolKey, aiohttp.ClientSession] = {}
         self._timeouts: dict[PoolKey, aiohttp.ClientTimeout] = {}
+        self._keys: dict[int, tuple[Upstream, PoolKey]] = {}
+        self._read_timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
     def _session(self, key: PoolKey) -> aiohttp.ClientSession:
         session = self._pools.get(key)
         if session is None:
             connector = aiohttp.TCPConnector(
                 limit=key.max_connections, limit_per_host=0, ssl=_ssl_context(key),
-                ttl_dns_cache=10, enable_cleanup_closed=False, force_close=False)
+                ttl_dns_cache=10, enable_cleanup_closed=False, force_close=False,
+                resolver=GuardedResolver() if key.guarded else None)
             session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -71,10 +76,21 @@ class Transport:
                    body: bytes | AsyncIterable[bytes] | None, *, timeout: float, read_idle: float,
                    server_hostname: str | None = None) -> aiohttp.ClientResponse:
         """Send one request; raise `UpstreamFailure` unless response headers arrive within `timeout`."""
-        key = _key(upstream)
+        # A request to its original destination from the proxy listener resolves through the guard.
+        if upstream is None:
+            key = _key(None, guarded=EGRESS_GUARD.get() is not None)
+        else:
+            # Hoisted to once per Upstream object (a policy load): hashing the frozen record per
+            # request cost more than the rest of this method.
+            cached = self._keys.get(id(upstream))
+            if cached is None or cached[0] is not upstream:
+                cached = self._keys[id(upstream)] = (upstream, _key(upstream))
+            key = cached[1]
         session = self._session(key)
-        client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=key.connect_timeout,
-                                               sock_read=read_idle)
+        client_timeout = self._read_timeouts.get((key.connect_timeout, read_idle))
+        if client_timeout is None:           # policy values only, so this stays a handful of entries
+            client_timeout = self._read_timeouts[(key.connect_timeout, read_idle)] = aiohttp.ClientTimeout(
+                total=None, sock_connect=key.connect_timeout, sock_read=read_idle)
         if timeout <= 0:
             raise UpstreamFailure("timeout", "no time left for this try")
         try:
@@ -90,7 +106,8 @@ class Transport:
 
     async def retain(self, upstreams: dict[str, Upstream]) -> None:
         """After a reload: close pools no upstream uses any more (idle connections only linger)."""
-        keep = {_key(u) for u in upstreams.values()} | {_key(None)}
+        self._keys.clear()                   # the old policy's Upstream records are gone
+        keep = {_key(u) for u in upstreams.values()} | {_key(None), _key(None, guarded=True)}
         for key in [k for k in self._pools if k not in keep]:
             session = self._pools.pop(key)
             self._timeouts.pop(key, None)

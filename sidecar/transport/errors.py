@@ -11,10 +11,13 @@ Everything above the transport sees only `UpstreamFailure`, re-raised `from` the
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 
 import aiohttp
 from aiohttp import http_exceptions
+
+from sidecar.telemetry.redact import redact
 
 
 class UpstreamFailure(Exception):
@@ -46,6 +49,16 @@ def translate(exc: BaseException) -> UpstreamFailure:
     raise exc
 
 
+# Where a parser error starts quoting the peer's raw bytes: `...: b'HTTX/1.1 200'` or `bytearray(b'...`.
+_QUOTED_BYTES = re.compile(r"\\n|:?\s*(?:bytearray\()?b['\"]")
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+    """One clean line: no raw bytes from the wire, no URL (it may hold credentials), secrets scrubbed.
+    The reason reaches the app's error body, decision events and logs."""
+    if isinstance(exc, (aiohttp.ClientResponseError, http_exceptions.HttpProcessingError)) and exc.message:
+        text = str(exc.message)
+    else:
+        text = str(exc) or type(exc).__name__
+    line = _QUOTED_BYTES.split(text.strip().splitlines()[0] if text.strip() else text, maxsplit=1)[0]
+    return redact(line.rstrip(" :.").replace('"', "'"))[:200] or type(exc).__name__
