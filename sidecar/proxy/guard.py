@@ -220,6 +220,8 @@ class GuardedRequestHandler(RequestHandler):
     # -- answering ------------------------------------------------------------------------------
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):  # the app went away: nothing to answer, nothing to log
+            raise ConnectionError("the client went away") from exc
         if status >= 500 and not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)   # a handler bug: aiohttp's 500
         if request.writer.output_size > 0:
@@ -296,3 +298,14 @@ def _checked(handler):
             return refused
         return await handler(request)
     return guarded
+
+
+class GuardedAppRunner(web.AppRunner):
+    """`web.AppRunner` for the admin and health ports: the same front door as the listeners (the
+    health port faces the pod network, where a slow or hostile client must not starve the kubelet)."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return GuardedServer(plain.request_handler, request_factory=plain.request_factory,
+                             handler_cancellation=plain.handler_cancellation,
+                             **plain._kwargs)  # noqa: SLF001 - the runner's own server settings

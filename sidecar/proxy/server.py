@@ -209,6 +209,7 @@ class ListenerHandler:
             return web.StreamResponse()
         except (ConnectionError, asyncio.CancelledError):
             ok = None                        # the app went away: no verdict on the upstream
+            reply.release()                  # close the upstream's half-read body now, not at GC
             raise
         finally:
             reply.finish(ok)
@@ -230,8 +231,17 @@ def _origin_form(raw: str) -> str:
     return (url.raw_path_qs or "/") if url.absolute else "/"
 
 
+class _CoalescedResponse(web.StreamResponse):
+    """Headers leave with the first body bytes in one send(), as aiohttp's own `web.Response` does,
+    instead of in a write of their own: one syscall less per answer. Used only when the length is
+    known, so a stream of unknown length (SSE, chunked) still shows its headers at once."""
+    _send_headers_immediately = False
+
+
 async def _send_reply(request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
-    resp = web.StreamResponse(status=reply.status, headers=reply.headers)
+    known_length = reply.body is not None or "content-length" in reply.headers
+    resp = (_CoalescedResponse if known_length else web.StreamResponse)(status=reply.status,
+                                                                        headers=reply.headers)
     if reply.body is not None:
         resp.content_length = len(reply.body)
         await resp.prepare(request)

@@ -85,7 +85,7 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
             breaker.release()
         record.status = 403
         _finish(gen, record)
-        return _error(403, str(exc))
+        return _error(403, exc.strerror or str(exc))
     except (OSError, asyncio.TimeoutError) as exc:
         try_rec.error_type = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect-failure"
         try_rec.end_ns = time.time_ns()

@@ -19,6 +19,7 @@ from sidecar.policy.model import Policy, Route, Upstream
 from sidecar.queue.store import Item
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import format_traceparent, new_span_id, new_trace_id
+from sidecar.transport.egress import EGRESS_GUARD
 from sidecar.transport.errors import UpstreamFailure
 
 # 408 and 429 say "not now" rather than "never": the write is tried again. Any other 4xx is the
@@ -93,6 +94,10 @@ async def attempt(runtime, item: Item, request: Request, route: Route | None,
     headers["traceparent"] = format_traceparent(record.trace_id, try_rec.span_id, True)
     clock = runtime.clock
     started = clock.monotonic()
+    # A write to its original destination keeps the egress guard it had when accepted (a name that
+    # resolves to metadata or to the sidecar must not get through later, from the queue).
+    guard = EGRESS_GUARD.set(frozenset(gen.own_ports)) if request.upstream is None and not (
+        route is not None and route.allow_internal) else None
     try:
         resp = await runtime.transport.send(
             request.upstream, item.method, url, headers, item.body, timeout=timeout,
@@ -112,6 +117,9 @@ async def attempt(runtime, item: Item, request: Request, route: Route | None,
         done = finished(status)
         outcome = Outcome(done, status, None if done else str(status), retry_after,
                           clock.monotonic() - started)
+    finally:
+        if guard is not None:
+            EGRESS_GUARD.reset(guard)
     try_rec.end_ns = record.end_ns = time.time_ns()
     return outcome, record
 

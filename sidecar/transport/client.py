@@ -48,6 +48,25 @@ def _ssl_context(key: PoolKey) -> ssl.SSLContext | bool:
     return ctx
 
 
+def _fail_body_on_close(resp: aiohttp.ClientResponse) -> None:
+    """Work around an aiohttp (3.14) hang: a framing error in a response body (a bad chunk size) makes
+    the client parser drop the body's stream without an error or EOF and close the connection, so a
+    reader waits forever (sock_read is dropped too). When the connection closes under a body that has
+    neither ended nor failed, fail it: the relay sees a cut stream, the app a cut connection."""
+    content = resp.content
+    conn = resp.connection
+    protocol = conn.protocol if conn is not None else None
+    closed = protocol.closed if protocol is not None else None
+    if closed is None or closed.done() or content.is_eof():
+        return
+
+    def lost(_: asyncio.Future) -> None:
+        if not content.is_eof() and content.exception() is None:
+            content.set_exception(aiohttp.ClientPayloadError("upstream connection closed mid-body"))
+    closed.add_done_callback(lost)
+    content.on_eof(lambda: closed.remove_done_callback(lost))   # pooled connections: no pile-up
+
+
 class Transport:
     """Owns every outbound connection. `send` returns once response headers arrived."""
 
@@ -95,7 +114,7 @@ class Transport:
             raise UpstreamFailure("timeout", "no time left for this try")
         try:
             async with asyncio.timeout(timeout):
-                return await session._request(  # noqa: SLF001 - avoids the context-manager wrapper's cost
+                resp = await session._request(  # noqa: SLF001 - avoids the context-manager wrapper's cost
                     method, url, headers=headers, data=body, allow_redirects=False,
                     timeout=client_timeout, compress=None, chunked=None,
                     server_hostname=server_hostname or None)
@@ -103,6 +122,8 @@ class Transport:
             raise
         except BaseException as exc:  # noqa: BLE001 - translated in one place, re-raised from the cause
             raise translate(exc) from exc
+        _fail_body_on_close(resp)
+        return resp
 
     async def retain(self, upstreams: dict[str, Upstream]) -> None:
         """After a reload: close pools no upstream uses any more (idle connections only linger)."""

@@ -14,6 +14,7 @@ request task, inherited by hedges), holding the sidecar's own ports; `None` mean
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import socket
@@ -79,6 +80,9 @@ def refused_target(host: str, port: int | None, own_ports: frozenset[int] | set[
 
 class EgressRefused(OSError):
     """A host name resolved to an address the proxy listener may not reach."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EACCES, message)   # aiohttp quotes `strerror` in its connect error
 
 
 class GuardedResolver(AbstractResolver):
