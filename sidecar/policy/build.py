@@ -1,24 +1,25 @@
 """Schema-valid policy data -> frozen records, with the checks a schema cannot express.
 
 Cross-references (an `upstream` that is not defined, two listeners on one port, a regex that does not
-compile, a `body_file` that cannot be read) are found here, each reported at the line of the value at
-fault. `defaults` are merged under every route key by key before its records are built; a value that came
-from `defaults` is reported at its line in `defaults`, since that is where the operator must fix it.
+compile, a `body_file` that cannot be read) are found by `checks.Checker`, each reported at the line of
+the value at fault. `defaults` are merged under every route key by key before its records are built; a
+value that came from `defaults` is reported at its line in `defaults`, since that is where the operator
+must fix it.
 """
 from __future__ import annotations
 
 import json
 import mimetypes
 import os
-import re
 from collections.abc import Callable
 from dataclasses import MISSING, fields, replace
 from urllib.parse import urlsplit
 
 from sidecar.policy import yaml12
+from sidecar.policy.checks import Checker, Path
 from sidecar.policy.dump import policy_data
-from sidecar.policy.errors import PolicyError, Problem, suggest
-from sidecar.policy.merge import deep_merge, has_path
+from sidecar.policy.errors import PolicyError
+from sidecar.policy.merge import deep_merge
 from sidecar.policy.model import (
     BackoffPolicy, BreakerPolicy, BudgetPolicy, CachePolicy, ConcurrencyPolicy, Conditions, Endpoint,
     FallbackPolicy, FallbackTarget, FaultAbort, FaultDelay, FaultPolicy, HeaderMatch, HealthCheck,
@@ -26,7 +27,6 @@ from sidecar.policy.model import (
     RetryPolicy, Rewrite, Route, SlowCall, StaticResponse, Telemetry, TlsConfig, TracesConfig, Upstream,
     WarmPath,
 )
-from sidecar.policy.units import parse_duration, parse_size
 
 DEFAULT_STATE_DIR = "/var/lib/sidecar"
 DEFAULT_LISTENER = Listener(name="egress", mode="proxy", port=15001)
@@ -37,10 +37,7 @@ DEFAULT_HEALTH = Endpoint("0.0.0.0", 15021)
 DEFAULT_FALLBACK_WHEN = ["breaker-open", "retries-exhausted", "timeout", "concurrency-full",
                          "connect-failure", "reset", "5xx"]
 DEFAULT_QUEUE_WHEN = ["breaker-open", "retries-exhausted"]
-MAX_BODY_FILE = 16 * 1024 * 1024
-_WILDCARD_BINDS = {"0.0.0.0", "::", "[::]", "*", ""}
 
-Path = tuple
 Convert = Callable[[object, Path], object]
 
 
@@ -83,52 +80,10 @@ def _dotted(path: str) -> tuple[str, ...]:
     return tuple(path.split("."))
 
 
-class _Builder:
-    def __init__(self, doc: yaml12.Document, file: str):
-        self.doc, self.file, self.data = doc, file, doc.data
-        self.base_dir = os.path.dirname(os.path.abspath(file))
-        self.problems: list[Problem] = []
-        self.upstream_names = set(self.data.get("upstreams") or {})
-        # Where a value was written: the route first, then `defaults` (see `_locate`).
-        self.layers: list[tuple[Path, object]] = [((), self.data)]
-
-    # --- reporting ----------------------------------------------------------------------------------
-    def fail(self, sub: Path, message: str) -> None:
-        self.problems.append(Problem(self.file, *self.doc.value_pos(self._locate(sub)), message))
-
-    def _locate(self, sub: Path) -> Path:
-        for prefix, raw in self.layers:
-            if has_path(raw, sub):
-                return prefix + sub
-        return self.layers[0][0] + sub
-
+class _Builder(Checker):
     def pick(self, data: dict, sub: Path, **convert: Convert) -> dict:
         """Convert the keys present; absent keys are left to the dataclass defaults."""
         return {k: convert[k](v, sub + (k,)) for k, v in data.items() if k in convert}
-
-    def duration(self, value: object, sub: Path) -> float:
-        try:
-            return parse_duration(value)
-        except ValueError:
-            self.fail(sub, f"{value!r} is not a duration this sidecar can wait for")
-            return 0.0
-
-    def optional_duration(self, value: object, sub: Path) -> float | None:
-        return None if value is None else self.duration(value, sub)
-
-    def size(self, value: object, sub: Path) -> int:
-        try:
-            return parse_size(value)
-        except ValueError:
-            self.fail(sub, f"{value!r} is not a size")
-            return 0
-
-    def upstream_ref(self, name: object, sub: Path) -> str:
-        if name not in self.upstream_names:
-            defined = ", ".join(sorted(self.upstream_names)) or "none"
-            self.fail(sub, f"unknown upstream '{name}'{suggest(str(name), self.upstream_names)}"
-                           f" (defined: {defined})")
-        return str(name)
 
     # --- top level ----------------------------------------------------------------------------------
     def policy(self, digest: str, secrets: tuple[str, ...]) -> Policy:
@@ -186,21 +141,6 @@ class _Builder:
             out.append(Listener(name=name, mode=mode, port=int(port or 0),
                                 bind=d.get("bind", "127.0.0.1"), upstream=upstream))
         return tuple(out)
-
-    def check_ports(self, listeners: tuple[Listener, ...], admin: Endpoint, health: Endpoint) -> None:
-        taken: list[tuple[str, str, int]] = []
-        # admin and health first: when they clash with a listener, the listener's line is the useful one.
-        sockets = [("the admin endpoint", admin.bind, admin.port, ("admin", "port")),
-                   ("the health endpoint", health.bind, health.port, ("health", "port"))]
-        sockets += [(f"listener '{l.name}'", l.bind, l.port, ("listeners", i, "port"))
-                    for i, l in enumerate(listeners)]
-        for label, bind, port, sub in sockets:
-            for other, other_bind, other_port in taken:
-                overlap = bind == other_bind or bind in _WILDCARD_BINDS or other_bind in _WILDCARD_BINDS
-                if port and port == other_port and overlap:
-                    self.fail(sub, f"{label}: port {port} is already used by {other}")
-                    break
-            taken.append((label, bind, port))
 
     def upstream(self, name: str, d: dict, sub: Path) -> Upstream:
         url = d["url"]
@@ -273,15 +213,6 @@ class _Builder:
         regex = d.get("regex")
         return HeaderMatch(name=d["name"].lower(), exact=d.get("exact"), present=d.get("present"),
                            regex=None if regex is None else self.regex(regex, sub + ("regex",)))
-
-    def regex(self, pattern: str, sub: Path) -> re.Pattern[str] | None:
-        try:
-            return re.compile(pattern)
-        except re.error as exc:
-            self.fail(sub, f"invalid regex {pattern!r}: {exc.msg} at position {exc.pos}")
-        except (RecursionError, OverflowError, ValueError) as exc:
-            self.fail(sub, f"invalid regex {pattern!r}: {exc}")
-        return None
 
     def conditions(self, items: list, sub: Path) -> Conditions:
         names = frozenset(i for i in items if isinstance(i, str))
@@ -380,18 +311,6 @@ class _Builder:
             content_type = content_type or mimetypes.guess_type(d["body_file"])[0]
         return StaticResponse(status=int(d.get("status", 200)), headers=headers, body=body,
                               content_type=content_type)
-
-    def body_file(self, name: str, sub: Path) -> bytes:
-        path = os.path.join(self.base_dir, name)
-        try:
-            with open(path, "rb") as f:
-                body = f.read(MAX_BODY_FILE + 1)
-        except (OSError, ValueError) as exc:
-            self.fail(sub, f"cannot read body_file {name!r}: {getattr(exc, 'strerror', None) or exc}")
-            return b""
-        if len(body) > MAX_BODY_FILE:
-            self.fail(sub, f"body_file {name!r} is larger than {MAX_BODY_FILE} bytes")
-        return body
 
     def queue(self, d: dict | None, sub: Path) -> QueuePolicy | None:
         if d is None:

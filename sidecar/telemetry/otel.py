@@ -16,6 +16,9 @@ Sampling (SPEC "Traces"): a request with any decision is always exported, whatev
 caller's sampled flag. The configured sampler (OTEL_TRACES_SAMPLER, default parentbased_traceidratio at
 the policy's `sample_ratio`) decides only healthy requests, on the trace id like `TraceIdRatioBased`, so
 every replica and every hop agree.
+
+Collector outages are handled in `export.py`; the policy and `OTEL_*` environment are read in
+`otelconfig.py`.
 """
 from __future__ import annotations
 
@@ -24,26 +27,25 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from urllib.parse import urlsplit
+from collections.abc import Callable, Mapping
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.policy.model import Telemetry
+from sidecar.telemetry.export import _gate, _GuardedExporter, _install_gate
+from sidecar.telemetry.otelconfig import (  # noqa: F401 - PROTOCOLS re-exported: importable from here
+    PROTOCOLS, Sampler, _make_exporter, _resource, make_sampler, resolve_target, sampler_from_env,
+)
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
 
 log = logging.getLogger("sidecar.telemetry.otel")
 
-# (trace_id, caller's span id or None, caller's sampled flag) -> export this healthy request?
-Sampler = Callable[[str, "str | None", bool], bool]
-
-PROTOCOLS = ("grpc", "http/protobuf")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _OK = Status(StatusCode.UNSET)
 _EVENT = "sidecar.decision"
@@ -61,162 +63,6 @@ def _sidecar_version() -> str:
 
 
 _SCOPE = InstrumentationScope("sidecar", _sidecar_version())
-
-
-# --- sampling ------------------------------------------------------------------------------------
-
-def _ratio_sampler(ratio: float) -> Callable[[str], bool]:
-    """TraceIdRatioBased on a hex id: the low 64 bits against `ratio * 2**64` (same bound as the SDK)."""
-    bound = round(max(0.0, min(1.0, ratio)) * (1 << 64))
-    if bound <= 0:
-        return lambda trace_id: False
-    if bound >= 1 << 64:
-        return lambda trace_id: True
-    return lambda trace_id: int(trace_id[16:], 16) < bound
-
-
-def make_sampler(name: str, ratio: float) -> Sampler:
-    """A sampler from an OTEL_TRACES_SAMPLER name; `ratio` is its argument for the ratio samplers.
-
-    parentbased_*: a caller's `traceparent` decides (sampled -> on, not sampled -> off, as the SDK's
-    ParentBased defaults do); without one, the named root sampler does.
-    """
-    base = name.removeprefix("parentbased_")
-    if base == "always_on":
-        def root(trace_id: str) -> bool:
-            return True
-    elif base == "always_off":
-        def root(trace_id: str) -> bool:
-            return False
-    elif base == "traceidratio":
-        root = _ratio_sampler(ratio)
-    else:
-        raise ValueError(f"unknown sampler {name!r}")
-    if not name.startswith("parentbased_"):
-        return lambda trace_id, parent, sampled: root(trace_id)
-    return lambda trace_id, parent, sampled: sampled if parent is not None else root(trace_id)
-
-
-# --- one log line per collector outage -----------------------------------------------------------
-
-class _ExportLogGate(logging.Filter):
-    """Keeps the SDK's export logs to one line per outage.
-
-    The OTLP exporters log a warning or error for every failed batch and retry, and the batch processor
-    one for every span dropped on a full queue. While our exporter wrapper is inside `export` (flagged
-    `quiet` per thread) the SDK's warnings are swallowed and the last one kept as the reason; the wrapper
-    logs once when export starts failing and once when it recovers. "Queue full" is logged at most every
-    five minutes. A caller's malformed `tracestate` is dropped quietly the same way.
-    """
-
-    LOGGERS = (
-        "opentelemetry.exporter.otlp.proto.grpc.exporter",
-        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-        "opentelemetry.exporter.otlp.common.http",
-        "opentelemetry.exporter.otlp.proto.common._internal",
-        "opentelemetry.sdk._shared_internal",
-        "opentelemetry.trace.span",
-    )
-    QUEUE_FULL_EVERY = 300.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.local = threading.local()
-        self._queue_full_logged_at: float | None = None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(self.local, "quiet", False):
-            if record.levelno >= logging.WARNING:
-                self.local.reason = record.getMessage()
-                return False
-            return True
-        if isinstance(record.msg, str) and record.msg.startswith("Queue full"):
-            self.queue_full()
-            return False
-        return True
-
-    def queue_full(self) -> None:
-        now = time.monotonic()
-        last = self._queue_full_logged_at
-        if last is None or now - last >= self.QUEUE_FULL_EVERY:
-            self._queue_full_logged_at = now
-            log.warning("trace export queue is full: spans are dropped until export catches up "
-                        "(raise OTEL_BSP_MAX_QUEUE_SIZE, or check the collector)")
-
-
-_gate = _ExportLogGate()
-_gate_installed = False
-_gate_lock = threading.Lock()
-
-
-def _install_gate() -> None:
-    global _gate_installed
-    with _gate_lock:
-        if not _gate_installed:
-            for name in _ExportLogGate.LOGGERS:
-                logging.getLogger(name).addFilter(_gate)
-            _gate_installed = True
-
-
-class _GuardedExporter(SpanExporter):
-    """Wraps the OTLP exporter: one log line per outage, and a cheap drop while the collector is down.
-
-    While failing, a batch is dropped at once unless `probe_every` seconds have passed since the last
-    attempt, so the worker does not spend the exporter's full retry timeout on every batch.
-    """
-
-    def __init__(self, inner: SpanExporter, target: str, probe_every: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.inner = inner
-        self.target = target
-        self.probe_every = probe_every
-        self._clock = clock
-        self.failing = False
-        self.dropped = 0                  # spans lost during the current outage
-        self._next_probe = 0.0
-        self._closed = False
-        self._lock = threading.Lock()     # the worker and force_flush may both export
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._closed:
-            return SpanExportResult.FAILURE
-        if self.failing and self._clock() < self._next_probe:
-            self.dropped += len(spans)
-            return SpanExportResult.FAILURE
-        _gate.local.quiet, _gate.local.reason = True, None
-        try:
-            result = self.inner.export(spans)
-        except Exception as exc:  # noqa: BLE001 - an exporter bug must not kill the worker thread
-            result = SpanExportResult.FAILURE
-            _gate.local.reason = f"{type(exc).__name__}: {exc}"
-        finally:
-            _gate.local.quiet = False
-        if self._closed:               # aborted by a bounded shutdown: the failure is ours, not news
-            return result
-        with self._lock:
-            if result is SpanExportResult.SUCCESS:
-                if self.failing:
-                    log.warning("trace export to %s recovered (%d spans were dropped meanwhile)",
-                                self.target, self.dropped)
-                    self.failing, self.dropped = False, 0
-                return result
-            self.dropped += len(spans)
-            self._next_probe = self._clock() + self.probe_every
-            if not self.failing:
-                self.failing = True
-                log.warning("trace export to %s failed (%s); spans are dropped and this is not logged "
-                            "again until export recovers", self.target, _gate.local.reason or "unknown")
-        return result
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-    def shutdown(self) -> None:
-        """Idempotent; also interrupts an export stuck in the exporter's retry backoff."""
-        if not self._closed:
-            self._closed = True
-            self.inner.shutdown()
 
 
 # --- span building -------------------------------------------------------------------------------
@@ -443,83 +289,3 @@ class OtelSink:
 
 def _discard(span: ReadableSpan) -> None:
     """Stands in for `processor.on_end` after shutdown, so late requests log nothing."""
-
-
-def resolve_target(cfg: Telemetry, env: Mapping[str, str]) -> tuple[str, str] | None:
-    """(protocol, endpoint) from the environment, then the policy; None when no endpoint is set."""
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-                or cfg.traces.protocol or "grpc").strip().lower()
-    if protocol not in PROTOCOLS:
-        fallback = "http/protobuf" if protocol.startswith("http") else "grpc"
-        log.warning("OTLP protocol %r is not supported; using %s", protocol, fallback)
-        protocol = fallback
-    http = protocol == "http/protobuf"
-    traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-    base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    if traces_endpoint:
-        endpoint = traces_endpoint                           # a signal endpoint is used as is
-    elif base_endpoint:
-        # OTLP exporter spec: for OTLP/HTTP the base endpoint gets the signal path appended.
-        endpoint = f"{base_endpoint.rstrip('/')}/v1/traces" if http else base_endpoint
-    elif cfg.traces.endpoint:
-        endpoint = cfg.traces.endpoint.strip()
-        # The policy's endpoint is a collector address; give an HTTP one the signal path unless it has one.
-        if http and urlsplit(endpoint).path in ("", "/"):
-            endpoint = f"{endpoint.rstrip('/')}/v1/traces"
-    else:
-        return None
-    if "://" not in endpoint:
-        endpoint = f"http://{endpoint}"                      # `jaeger:4317`: plaintext, as on a pod network
-    return protocol, endpoint
-
-
-def sampler_from_env(cfg: Telemetry, env: Mapping[str, str]) -> tuple[str, Sampler]:
-    """OTEL_TRACES_SAMPLER / _ARG, defaulting to parentbased_traceidratio at the policy's sample_ratio."""
-    name = (env.get("OTEL_TRACES_SAMPLER") or "parentbased_traceidratio").strip().lower()
-    ratio = cfg.traces.sample_ratio
-    raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
-    if raw and "traceidratio" in name:
-        try:
-            value = float(raw)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(raw)
-            ratio = value
-        except ValueError:
-            log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a ratio in [0, 1]; using %s", raw, ratio)
-    try:
-        sampler = make_sampler(name, ratio)
-    except ValueError:
-        log.warning("OTEL_TRACES_SAMPLER=%s is not supported; using parentbased_traceidratio", name)
-        name = "parentbased_traceidratio"
-        sampler = make_sampler(name, ratio)
-    label = f"{name}({ratio})" if "traceidratio" in name else name
-    return label, sampler
-
-
-def _resource(cfg: Telemetry, env: Mapping[str, str]) -> Resource:
-    # Resource.create runs the SDK's detectors, which read OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME;
-    # the policy's service_name applies only when neither names the service.
-    resource = Resource.create({})
-    service = env.get("OTEL_SERVICE_NAME", "").strip()
-    if not service and str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        service = cfg.service_name
-    if service:
-        resource = resource.merge(Resource({"service.name": service}))
-    return resource
-
-
-def _make_exporter(protocol: str, endpoint: str, env: Mapping[str, str]) -> SpanExporter:
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-        return HttpExporter(endpoint=endpoint)
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-    scheme = urlsplit(endpoint).scheme
-    insecure_env = (env.get("OTEL_EXPORTER_OTLP_TRACES_INSECURE") or env.get("OTEL_EXPORTER_OTLP_INSECURE")
-                    or "").strip().lower()
-    if scheme == "https":
-        insecure = False
-    elif insecure_env in ("true", "false"):
-        insecure = insecure_env == "true"
-    else:
-        insecure = scheme == "http"
-    return GrpcExporter(endpoint=endpoint, insecure=insecure)
