@@ -18,13 +18,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Benchmarks: nginx, HAProxy and wrk come from Debian (bench/install.sh); the system under test is pinned
+# to CPU 1, the load generator and upstream to CPU 0. Results: bench/results/*.md and *.png.
 bench: $(STAMP)
+	sh bench/install.sh
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python -m bench --full
+	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench --full
 
 bench-quick: $(STAMP)
+	sh bench/install.sh
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python -m bench --quick
+	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench --quick
 
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak

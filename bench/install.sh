@@ -1,0 +1,23 @@
+#!/bin/sh
+# Installs what `make bench` needs beyond the venv: nginx, HAProxy and wrk (Debian packages).
+# Idempotent: does nothing when all three are on PATH. Needs root (or sudo) only when something is missing.
+set -e
+missing=""
+for tool in nginx haproxy wrk taskset; do
+    command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+done
+[ -z "$missing" ] && exit 0
+echo "bench: installing$missing" >&2
+SUDO=""
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+pkgs=""
+for tool in $missing; do
+    case "$tool" in taskset) pkgs="$pkgs util-linux" ;; *) pkgs="$pkgs $tool" ;; esac
+done
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+# The Debian packages start system services; the benchmark runs its own instances on free ports.
+for svc in nginx haproxy; do
+    $SUDO service "$svc" stop >/dev/null 2>&1 || true
+done
