@@ -152,7 +152,8 @@ class GuardedRequestHandler(RequestHandler):
         before, queued = self._request_count, len(self._messages)
         super().data_received(data)
         if self._request_count != before:          # a request's headers completed (or it was refused)
-            self._cap_completed(queued)
+            if in_body or self._header_bytes > self._max_header_bytes:
+                self._cap_completed(queued)         # else every head in this read is under the cap
             self._body = self._messages[-1][1] if self._messages else None
             self._long_line = self._line_bytes > self.max_line_size   # for handle_error, which comes later
             self._header_bytes = self._line_bytes = 0

@@ -19,11 +19,12 @@ Upstream names of passthrough traffic (the original destination) are capped, see
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.telemetry.records import RequestRecord
@@ -70,61 +71,49 @@ class Metrics:
         disable_created_metrics()
         self.registry = CollectorRegistry()
         reg = self.registry
-        self._requests = Counter("sidecar_requests", "Requests answered, by route and status code.",
-                                 ["route", "code"], registry=reg)
-        self._duration = Histogram("sidecar_request_duration_seconds",
-                                   "Time from the request to the last byte of the answer, by route.",
-                                   ["route"], buckets=BUCKETS, registry=reg)
         self._decisions = Counter("sidecar_decisions", "Degradation decisions, by route and decision.",
                                   ["route", "decision"], registry=reg)
-        self._tries = Counter("sidecar_upstream_requests",
-                              "Tries to upstreams (retries, hedges and fallback calls included), by route, "
-                              "upstream and status code or failure (connect-failure, reset, timeout...).",
-                              ["route", "upstream", "code"], registry=reg)
-        self._try_duration = Histogram("sidecar_upstream_request_duration_seconds",
-                                       "Duration of one try to an upstream.", ["route", "upstream"],
-                                       buckets=BUCKETS, registry=reg)
         self._reloads = Counter("sidecar_config_reloads", "Policy reloads, by result.", ["result"],
                                 registry=reg)
         self._reload_ok = self._reloads.labels("success")
         self._reload_failed = self._reloads.labels("failure")
+        # Requests and tries are counted in plain dicts on the event loop (no locks, no label lookups)
+        # and turned into families only when scraped: the per-request cost is a few dict operations.
+        self._hot = _HotPath()
+        reg.register(self._hot)
         reg.register(_LiveState(state_provider))
         if process_metrics:
             ProcessCollector(registry=reg)
 
         self._route = _Capped(max_label_values)
         self._upstream = _Capped(max_label_values)
-        # Labelled children cached per label tuple: `labels()` validates and locks on every call.
-        self._request_children: dict[tuple[str, int, str | None], tuple] = {}
-        self._try_children: dict[tuple[str, str, str], tuple] = {}
         self._decision_children: dict[tuple[str, str], object] = {}
 
     # -- TelemetrySink ---------------------------------------------------------------------------
 
     def request_finished(self, record: RequestRecord) -> None:
-        # Caches are keyed on the capped label values, so they stay as bounded as the series.
+        hot = self._hot
         route = self._route(record.route)
-        key = (route, record.status, None if record.status else record.error_type)
-        children = self._request_children.get(key)
-        if children is None:
-            code = str(record.status) if record.status else (record.error_type or "none")
-            children = self._request_children[key] = (self._requests.labels(route, code),
-                                                      self._duration.labels(route))
         if record.listener != "queue":      # a queued write's later delivery is not an answer to the app
-            counter, histogram = children
-            counter.inc()
+            code = record.status or record.error_type or "none"
+            key = (route, code)
+            hot.requests[key] = hot.requests.get(key, 0) + 1
             if record.end_ns:
-                histogram.observe((record.end_ns - record.start_ns) / 1e9)
+                hist = hot.durations.get(route)
+                if hist is None:
+                    hist = hot.durations[route] = _Histogram()
+                hist.observe((record.end_ns - record.start_ns) / 1e9)
         for t in record.tries:
-            code = str(t.status) if t.status is not None else (t.error_type or "cancelled")
-            tkey = (route, self._upstream(t.upstream), code)
-            tchildren = self._try_children.get(tkey)
-            if tchildren is None:
-                tchildren = self._try_children[tkey] = (self._tries.labels(*tkey),
-                                                        self._try_duration.labels(tkey[0], tkey[1]))
-            tchildren[0].inc()
+            code = t.status if t.status is not None else (t.error_type or "cancelled")
+            upstream = self._upstream(t.upstream)
+            tkey = (route, upstream, code)
+            hot.tries[tkey] = hot.tries.get(tkey, 0) + 1
             if t.end_ns:
-                tchildren[1].observe((t.end_ns - t.start_ns) / 1e9)
+                hkey = (route, upstream)
+                hist = hot.try_durations.get(hkey)
+                if hist is None:
+                    hist = hot.try_durations[hkey] = _Histogram()
+                hist.observe((t.end_ns - t.start_ns) / 1e9)
 
     def decision(self, record: DecisionRecord) -> None:
         key = (self._route(record.route), str(record.decision))
@@ -145,6 +134,61 @@ class Metrics:
             encoder, content_type = choose_encoder(accept)
             return encoder(self.registry), content_type
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Histogram:
+    """Bucket counts and a sum; cumulated only at scrape time."""
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)   # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1   # bucket i holds values <= BUCKETS[i]
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*map(str, BUCKETS), "+Inf"), self.counts):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class _HotPath:
+    """The per-request series, kept in dicts by `Metrics.request_finished` and exported on scrape."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, object], int] = {}
+        self.durations: dict[str, _Histogram] = {}
+        self.tries: dict[tuple[str, str, object], int] = {}
+        self.try_durations: dict[tuple[str, str], _Histogram] = {}
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily("sidecar_requests", "Requests answered, by route and status code.",
+                                       labels=["route", "code"])
+        for (route, code), n in list(self.requests.items()):
+            requests.add_metric([route, str(code)], n)
+        duration = HistogramMetricFamily(
+            "sidecar_request_duration_seconds",
+            "Time from the request to the last byte of the answer, by route.", labels=["route"])
+        for route, hist in list(self.durations.items()):
+            duration.add_metric([route], hist.buckets(), hist.total)
+        tries = CounterMetricFamily(
+            "sidecar_upstream_requests",
+            "Tries to upstreams (retries, hedges and fallback calls included), by route, upstream and "
+            "status code or failure (connect-failure, reset, timeout...).", labels=["route", "upstream", "code"])
+        for (route, upstream, code), n in list(self.tries.items()):
+            tries.add_metric([route, upstream, str(code)], n)
+        try_duration = HistogramMetricFamily("sidecar_upstream_request_duration_seconds",
+                                             "Duration of one try to an upstream.", labels=["route", "upstream"])
+        for (route, upstream), hist in list(self.try_durations.items()):
+            try_duration.add_metric([route, upstream], hist.buckets(), hist.total)
+        return [requests, duration, tries, try_duration]
 
 
 class _LiveState:
