@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     gen_cpu, sut_cpu = cpus()
+    m_cores = {"gen_cpu": gen_cpu, "sut_cpu": sut_cpu}     # cpus() reads the affinity narrowed next
     os.sched_setaffinity(0, {gen_cpu})          # the harness and its load generator stay off the SUT core
 
     if args.smoke:
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             s = scenarios.run(s_plan, tmp, _log)
 
     m["load_after"] = os.getloadavg()[0]
+    m.update(m_cores)
     print(f"load average at the end {m['load_after']:.2f} (anything above ~1 means other work shared the cores)")
     _write(o, s, m, out, "full" if args.full else "smoke" if args.smoke else "quick")
     print(f"\nresults in {out} ({time.monotonic() - started:.0f} s)")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(o, s, m: dict, out: Path, mode: str) -> int:
-    gen_cpu, sut_cpu = cpus()
+    gen_cpu, sut_cpu = m.get("gen_cpu", 0), m.get("sut_cpu", 1)
     md = [f"# Benchmark results ({mode})", "", machine.render(m), "",
           f"Cores: load generator + upstream on CPU {gen_cpu}, system under test alone on CPU {sut_cpu}.", ""]
     if o is not None:
