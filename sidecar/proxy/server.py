@@ -147,8 +147,8 @@ class ListenerHandler:
                         upstream_name: str | None) -> web.StreamResponse:
         state = gen.states[route.name]
         connect_to = original_destination(request.transport) if self.listener.mode == "transparent" else None
-        upstream = gen.policy.upstreams.get(route.upstream or upstream_name or "") if (
-            route.upstream or upstream_name) else None
+        name = route.upstream or upstream_name          # the route's, else the reverse listener's
+        upstream = gen.policy.upstreams.get(name) if name else None
         try:
             body = await read_body(request.content, has_body=request.body_exists,
                                    limit=gen.replay_limits[route.name], length=request.content_length)
