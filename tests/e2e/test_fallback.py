@@ -59,6 +59,21 @@ def llm_policy(port, primary, backup, route_extra="", when="[breaker-open, retri
     """
 
 
+def primary_backup(port, primary_url, backup_url, routes):
+    """A reverse listener in front of `primary`, with a `backup` upstream beside it."""
+    return f"""
+    version: 1
+    listeners: [{{name: api, mode: reverse, port: {port['reverse']}, upstream: primary}}]
+    admin: {{port: {port['admin']}}}
+    health: {{bind: 127.0.0.1, port: {port['health']}}}
+    upstreams:
+      primary: {{url: "{primary_url}"}}
+      backup: {{url: "{backup_url}"}}
+    routes:
+{routes}
+    """
+
+
 async def post_chat(port, model="gpt-4o"):
     async with aiohttp.ClientSession() as s:
         async with s.post(f"http://127.0.0.1:{port['reverse']}/v1/chat/completions",
@@ -112,22 +127,14 @@ async def test_everything_down_static_answer(sidecar_factory, port):
 
 async def test_nothing_answers_gives_json_503_with_decisions(sidecar_factory, port):
     dead = f"http://127.0.0.1:{free_port()}"
-    await sidecar_factory(f"""
-    version: 1
-    listeners: [{{name: llm, mode: reverse, port: {port['reverse']}, upstream: primary}}]
-    admin: {{port: {port['admin']}}}
-    health: {{bind: 127.0.0.1, port: {port['health']}}}
-    upstreams:
-      primary: {{url: "{dead}"}}
-      backup: {{url: "{dead}"}}
-    routes:
+    await sidecar_factory(primary_backup(port, dead, dead, """
       - name: chat
-        match: {{path_prefix: /}}
+        match: {path_prefix: /}
         upstream: primary
         fallback:
           when: [retries-exhausted]
-          targets: [{{upstream: backup}}]
-    """)
+          targets: [{upstream: backup}]
+"""))
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port['reverse']}/x") as r:
             assert r.status == 503
@@ -142,24 +149,16 @@ async def test_hedged_fallback_beats_a_primary_that_never_answers(upstream_facto
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     hung = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     backup = await upstream_factory(await fake_provider("backup"))
-    await sidecar_factory(f"""
-    version: 1
-    listeners: [{{name: api, mode: reverse, port: {port['reverse']}, upstream: primary}}]
-    admin: {{port: {port['admin']}}}
-    health: {{bind: 127.0.0.1, port: {port['health']}}}
-    upstreams:
-      primary: {{url: "{hung}"}}
-      backup: {{url: "{backup.url}"}}
-    routes:
+    await sidecar_factory(primary_backup(port, hung, backup.url, """
       - name: models
-        match: {{path_prefix: /}}
+        match: {path_prefix: /}
         upstream: primary
         timeout: 20s
         fallback:
           when: [timeout, 5xx]
           hedge: 100ms
-          targets: [{{upstream: backup}}]
-    """)
+          targets: [{upstream: backup}]
+"""))
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port['reverse']}/v1/models") as r:
             assert r.status == 200
@@ -253,24 +252,16 @@ async def test_two_tenants_get_different_chains(upstream_factory, sidecar_factor
         return web.Response(text="premium backup")
     primary = await upstream_factory(down)
     backup = await upstream_factory(backup_handler)
-    await sidecar_factory(f"""
-    version: 1
-    listeners: [{{name: api, mode: reverse, port: {port['reverse']}, upstream: primary}}]
-    admin: {{port: {port['admin']}}}
-    health: {{bind: 127.0.0.1, port: {port['health']}}}
-    upstreams:
-      primary: {{url: "{primary.url}"}}
-      backup: {{url: "{backup.url}"}}
-    routes:
+    await sidecar_factory(primary_backup(port, primary.url, backup.url, """
       - name: premium
-        match: {{path_prefix: /search, headers: [{{name: x-tenant-plan, exact: premium}}]}}
+        match: {path_prefix: /search, headers: [{name: x-tenant-plan, exact: premium}]}
         upstream: primary
-        fallback: {{when: [5xx], targets: [{{upstream: backup}}]}}
+        fallback: {when: [5xx], targets: [{upstream: backup}]}
       - name: free
-        match: {{path_prefix: /search}}
+        match: {path_prefix: /search}
         upstream: primary
-        fallback: {{when: [5xx], targets: [{{static: {{status: 200, body: "cached results only"}}}}]}}
-    """)
+        fallback: {when: [5xx], targets: [{static: {status: 200, body: "cached results only"}}]}
+"""))
     async with aiohttp.ClientSession() as s:
         url = f"http://127.0.0.1:{port['reverse']}/search?q=x"
         async with s.get(url, headers={"x-tenant-plan": "premium"}) as r:
@@ -289,22 +280,14 @@ async def test_failover_on_response_content(upstream_factory, sidecar_factory, p
         return web.json_response({"type": "message", "content": "fine"})
     primary = await upstream_factory(overloaded)
     backup = await upstream_factory(healthy)
-    await sidecar_factory(f"""
-    version: 1
-    listeners: [{{name: api, mode: reverse, port: {port['reverse']}, upstream: primary}}]
-    admin: {{port: {port['admin']}}}
-    health: {{bind: 127.0.0.1, port: {port['health']}}}
-    upstreams:
-      primary: {{url: "{primary.url}"}}
-      backup: {{url: "{backup.url}"}}
-    routes:
+    await sidecar_factory(primary_backup(port, primary.url, backup.url, """
       - name: messages
-        match: {{path_prefix: /}}
+        match: {path_prefix: /}
         upstream: primary
         fallback:
-          when: [5xx, {{json: "error.type", equals: overloaded_error}}]
-          targets: [{{upstream: backup}}]
-    """)
+          when: [5xx, {json: "error.type", equals: overloaded_error}]
+          targets: [{upstream: backup}]
+"""))
     async with aiohttp.ClientSession() as s:
         async with s.post(f"http://127.0.0.1:{port['reverse']}/v1/messages", json={"x": 1}) as r:
             assert r.status == 200
