@@ -20,11 +20,8 @@ from pathlib import Path
 import yaml
 
 from sidecar.iptables import rules as iptables_rules
-from sidecar.podspec import (  # noqa: F401 - the pod's parts, re-exported: importable from here as before
-    ANNOTATION, CONTAINER, HEALTH_PORT, INIT_CONTAINER, NO_PROXY, OPT_OUT, POD_TEMPLATE, POLICY_DIR,
-    POLICY_KEY, POLICY_VOLUME, PROXY_PORT, PROXY_UID, PROXY_URL, STATE_DIR, STATE_VOLUME, TMP_VOLUME,
-    TRANSPARENT_PORT, InjectError, _inject_workload, _Options, iptables_init_container, policy_configmap,
-    sidecar_container, sidecar_volumes,
+from sidecar.podspec import (
+    HEALTH_PORT, POD_TEMPLATE, PROXY_PORT, PROXY_UID, TRANSPARENT_PORT, InjectError, _inject_workload, _Options, policy_configmap,
 )
 
 _LOOPBACK = {"localhost", "::1"}

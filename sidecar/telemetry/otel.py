@@ -38,8 +38,8 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.policy.model import Telemetry
 from sidecar.telemetry.export import _gate, _GuardedExporter, _install_gate
-from sidecar.telemetry.otelconfig import (  # noqa: F401 - PROTOCOLS re-exported: importable from here
-    PROTOCOLS, Sampler, _make_exporter, _resource, make_sampler, resolve_target, sampler_from_env,
+from sidecar.telemetry.otelconfig import (
+    Sampler, _make_exporter, _resource, make_sampler, resolve_target, sampler_from_env,
 )
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import new_span_id, new_trace_id

@@ -71,7 +71,7 @@ def validate_strict(docs: list[dict], version: str) -> None:
 
 def pod_specs(docs: list[dict]) -> list[tuple[str, dict, dict]]:
     """(kind/name, pod template metadata, pod spec) for every workload in `docs`."""
-    from sidecar.inject import POD_TEMPLATE
+    from sidecar.podspec import POD_TEMPLATE
     found = []
     for doc in docs:
         if doc.get("kind") not in POD_TEMPLATE:

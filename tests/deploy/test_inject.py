@@ -10,7 +10,8 @@ import yaml
 
 from manifest_helpers import DEPLOY, K8S_VERSIONS, pod_specs, validate_strict
 from sidecar.cli import main
-from sidecar.inject import NO_PROXY, PROXY_URL, InjectError, inject_documents
+from sidecar.inject import InjectError, inject_documents
+from sidecar.podspec import NO_PROXY, PROXY_URL
 
 IMAGE = "registry.example/sidecar:1.2.3"
 

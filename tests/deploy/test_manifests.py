@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from manifest_helpers import DEPLOY, K8S_VERSIONS, ROOT, by_kind_name, kustomize_build, pod_specs, validate_strict
-from sidecar.inject import (HEALTH_PORT, NO_PROXY, POLICY_DIR, PROXY_URL, STATE_DIR, _check_policy,
-                            sidecar_container, sidecar_volumes)
+from sidecar.inject import _check_policy
+from sidecar.podspec import (HEALTH_PORT, NO_PROXY, POLICY_DIR, PROXY_URL, STATE_DIR, sidecar_container,
+                             sidecar_volumes)
 
 KUSTOMIZATIONS = ["base", "jaeger", "overlays/example-app"]
 POLICY = DEPLOY / "base" / "policy.yaml"
