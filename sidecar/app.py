@@ -52,7 +52,7 @@ async def start(policy: Policy, *, reuse_port: bool = False, admin: bool = True,
     if otel is not None:
         sinks.append(otel)
     queue = await open_queue(policy)         # store-and-forward: None unless a route has `queue:`
-    runtime = Runtime(policy, sinks=sinks, attach_cache=_cache_feature(), queue=queue, **runtime_kwargs)
+    runtime = Runtime(policy, sinks=sinks, queue=queue, **runtime_kwargs)
     holder.append(runtime)
     if queue is not None:
         queue.start(runtime)                 # writes left from before a restart start going out now
@@ -66,14 +66,6 @@ async def start(policy: Policy, *, reuse_port: bool = False, admin: bool = True,
         sidecar.tasks.append(asyncio.get_running_loop().create_task(watch_policy(runtime)))
     return sidecar
 
-
-def _cache_feature():
-    """The response cache binds a store to each cached route's state (kept across reloads)."""
-    try:
-        from sidecar.pipeline.cache import attach_cache
-    except ImportError:  # the cache layer is not built yet
-        return None
-    return attach_cache
 
 
 async def _serve(app: web.Application, bind: str, port: int) -> web.AppRunner:

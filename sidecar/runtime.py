@@ -19,6 +19,7 @@ from sidecar.core.clock import SYSTEM_CLOCK, Clock
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.health import HealthState
 from sidecar.pipeline.build import build
+from sidecar.pipeline.cache import attach_cache
 from sidecar.pipeline.state import StateRegistry
 from sidecar.policy.errors import PolicyError, Problem
 from sidecar.policy.load import load_policy
@@ -48,8 +49,8 @@ class Generation:
         self.handlers = {r.name: build(r) for r in routes}
         self.replay_limits = {r.name: replay_limit(r) for r in routes}
         for route in routes:
-            if route.cache is not None and runtime.attach_cache is not None:
-                runtime.attach_cache(self.states[route.name], route, runtime)
+            if route.cache is not None:
+                attach_cache(self.states[route.name], route, runtime)
         self.transport = runtime.transport
         self.sink = runtime.sink
         self.clock = runtime.clock
@@ -66,7 +67,7 @@ class Generation:
 
 class Runtime:
     def __init__(self, policy: Policy, *, clock: Clock = SYSTEM_CLOCK, rng: random.Random | None = None,
-                 sleep=asyncio.sleep, sinks: list | None = None, attach_cache=None, queue=None) -> None:
+                 sleep=asyncio.sleep, sinks: list | None = None, queue=None) -> None:
         self.clock = clock
         self.rng = rng or random.Random()
         self.sleep = sleep
@@ -74,7 +75,6 @@ class Runtime:
         self.registry = StateRegistry(clock)
         self.health: dict[str, HealthState] = {}
         self.queue = queue                   # sidecar.queue.DurableQueue, when a route has `queue:`
-        self.attach_cache = attach_cache
         self.sink = FanoutSink(list(sinks or []))
         # The `sampled` flag sent upstream: the trace exporter's head decision, or "not sampled".
         samplers = [s.samples for s in self.sink.sinks if hasattr(s, "samples")]

@@ -16,7 +16,7 @@ import logging
 from collections import OrderedDict
 from typing import Protocol
 
-from aiocache import RedisCache, SimpleMemoryCache
+from aiocache import SimpleMemoryCache
 from aiocache.serializers import NullSerializer
 from yarl import URL
 
@@ -143,6 +143,7 @@ class RedisStore:
         self.namespace = namespace
         self.clock = clock
         # Values are our own framed bytes: no serializer, no decoding (encoding=None).
+        from aiocache import RedisCache   # only a Redis-backed route needs the redis client importable
         self._cache = RedisCache(
             serializer=NullSerializer(encoding=None), endpoint=parsed.host or "127.0.0.1",
             port=parsed.port or 6379, db=int(db) if db.isdigit() else 0, password=parsed.password,

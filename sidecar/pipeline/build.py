@@ -9,6 +9,7 @@ import functools
 from typing import Awaitable, Callable
 
 from sidecar.pipeline.breaker import breaker_layer
+from sidecar.pipeline.cache import cache_layer
 from sidecar.pipeline.exchange import Call, Exchange, Reply
 from sidecar.pipeline.fallback import fallback_layer
 from sidecar.pipeline.guards import concurrency_layer, fault_layer, rate_limit_layer
@@ -20,15 +21,10 @@ from sidecar.policy.model import Route
 Handler = Callable[[Exchange, Call], Awaitable[Reply]]
 
 
-def _cache_layer():
-    from sidecar.pipeline.cache import cache_layer
-    return cache_layer
-
-
 def layers_for(route: Route) -> list:
     stack = []
     if route.cache is not None:
-        stack.append(_cache_layer())         # a fresh hit answers here; misses coalesce; answers are stored
+        stack.append(cache_layer)         # a fresh hit answers here; misses coalesce; answers are stored
     if route.fallback is not None or route.queue is not None:
         stack.append(fallback_layer)         # primary failed: queue the write, or walk the targets
     if route.rate_limit is not None:

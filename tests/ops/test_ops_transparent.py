@@ -99,7 +99,7 @@ def interpreter_caps() -> list[str]:
     Normally nothing. When the interpreter lives under a directory only root may enter (pyenv under
     /root, as on some dev machines), CAP_DAC_READ_SEARCH as an ambient capability lets the process
     read it: it stays an ordinary UID for the owner match in the nat rules, which is what matters."""
-    probe = [sys.executable, "-c", "import aiohttp, sidecar"]
+    probe = [sys.executable, "-c", "import sidecar.app"]   # everything `sidecar run` imports
     attempts = [[], ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]]
     errors = []
     for caps in attempts:
