@@ -113,15 +113,9 @@ class Exchange:
     def decide(self, decision: Decision, reason: str, *, upstream: str | None = None,
                breaker_state: str | None = None, budget_remaining: float | None = None,
                fallback_target: str | None = None) -> DecisionRecord:
-        rec = DecisionRecord(
-            decision=decision, route=self.route.name, upstream=upstream, reason=reason, at=time.time(),
-            breaker_state=breaker_state, budget_remaining=budget_remaining,
-            fallback_target=fallback_target, policy_version=self.record.policy_version,
-            trace_id=self.record.trace_id, span_id=self.record.span_id)
-        self.record.decisions.append(rec)
-        self.record.decision_ns.append(time.time_ns())
-        self.runtime.sink.decision(rec)
-        return rec
+        return record_decision(self.runtime.sink, self.record, decision, reason, upstream=upstream,
+                               breaker_state=breaker_state, budget_remaining=budget_remaining,
+                               fallback_target=fallback_target)
 
     def degraded_names(self) -> list[str]:
         """The decisions the app is told about in `x-sidecar-degraded`, in order, without repeats."""
@@ -131,3 +125,18 @@ class Exchange:
             if rec.decision not in NOT_DEGRADING and name not in seen:
                 seen.append(name)
         return seen
+
+
+def record_decision(sink, record: RequestRecord, decision: Decision, reason: str, *,
+                    upstream: str | None = None, breaker_state: str | None = None,
+                    budget_remaining: float | None = None,
+                    fallback_target: str | None = None) -> DecisionRecord:
+    """A decision about one request: on its record (for the trace) and to the sink as it happens."""
+    rec = DecisionRecord(
+        decision=decision, route=record.route, upstream=upstream, reason=reason, at=time.time(),
+        breaker_state=breaker_state, budget_remaining=budget_remaining, fallback_target=fallback_target,
+        policy_version=record.policy_version, trace_id=record.trace_id, span_id=record.span_id)
+    record.decisions.append(rec)
+    record.decision_ns.append(time.time_ns())
+    sink.decision(rec)
+    return rec

@@ -21,7 +21,7 @@ from yarl import URL
 from sidecar.core.decisions import Decision
 from sidecar.pipeline.body import read_body
 from sidecar.pipeline.calls import make_call
-from sidecar.pipeline.exchange import Degraded, Exchange, Reply
+from sidecar.pipeline.exchange import Degraded, Exchange, Reply, record_decision
 from sidecar.pipeline.fallback import Failure
 from sidecar.policy.model import Listener, Route
 from sidecar.proxy.headers import end_to_end
@@ -87,7 +87,7 @@ class ListenerHandler:
         target = self._target(gen, request)
         if isinstance(target, Reply):
             return await self._write_plain(request, target)
-        url, upstream_name = target
+        url, upstream_name, connect_to = target
         host = url.host or ""
         if mode == "reverse":
             up = gen.policy.upstreams[upstream_name]
@@ -103,9 +103,10 @@ class ListenerHandler:
                 return await self._write_plain(request, json_error(
                     403, f"{internal}; a route must allow_internal", route.name, []))
             EGRESS_GUARD.set(frozenset(gen.own_ports))   # host names: checked again on every DNS answer
-        return await self._exchange(gen, request, route, url, upstream_name)
+        return await self._exchange(gen, request, route, url, upstream_name, connect_to)
 
-    def _target(self, gen, request: web.BaseRequest) -> tuple[URL, str | None] | Reply:
+    def _target(self, gen, request: web.BaseRequest) -> tuple[URL, str | None, tuple | None] | Reply:
+        """(URL as the app meant it, reverse listener's upstream, transparent mode's original destination)."""
         mode = self.listener.mode
         if mode == "proxy":
             try:                             # absolute-form: the raw request target is the URL
@@ -115,11 +116,11 @@ class ListenerHandler:
             if not msg_url.absolute or msg_url.scheme not in ("http", "https") or not msg_url.host:
                 return json_error(400, "the proxy listener expects absolute-form requests "
                                        "(http://host/path); set HTTP_PROXY", None, [])
-            return msg_url, None
+            return msg_url, None, None
         path_qs = _origin_form(request.raw_path)
         if mode == "reverse":
             up = gen.policy.upstreams[self.listener.upstream]
-            return URL(f"{up.origin}{path_qs}", encoded=True), up.name
+            return URL(f"{up.origin}{path_qs}", encoded=True), up.name, None
         dst = original_destination(request.transport)
         if dst is None:
             return json_error(502, "original destination unavailable (not redirected by iptables?)", None, [])
@@ -128,14 +129,14 @@ class ListenerHandler:
                 else host_header.rsplit(":", 1)[0]) or dst[0]
         authority = f"{host}:{dst[1]}"
         try:
-            return URL(f"http://{authority}{path_qs}", encoded=True), None
+            return URL(f"http://{authority}{path_qs}", encoded=True), None, dst
         except ValueError:
             return json_error(400, "bad Host header", None, [])
 
     async def _deny(self, gen, request, url: URL) -> web.StreamResponse:
         rec = _record(gen, request, "unmatched", self.listener.name, url)
-        ex_like = _DecisionOnly(gen, rec)
-        ex_like.decide(Decision.UNMATCHED_DENIED, f"no route matches {request.method} {url.host}{url.path}")
+        record_decision(gen.sink, rec, Decision.UNMATCHED_DENIED,
+                        f"no route matches {request.method} {url.host}{url.path}")
         reply = json_error(403, "no route matches this request and unmatched is deny", None,
                            ["unmatched_denied"])
         rec.status = 403
@@ -144,9 +145,8 @@ class ListenerHandler:
         return await self._write_plain(request, reply)
 
     async def _exchange(self, gen, request: web.BaseRequest, route: Route, url: URL,
-                        upstream_name: str | None) -> web.StreamResponse:
+                        upstream_name: str | None, connect_to: tuple | None) -> web.StreamResponse:
         state = gen.states[route.name]
-        connect_to = original_destination(request.transport) if self.listener.mode == "transparent" else None
         name = route.upstream or upstream_name          # the route's, else the reverse listener's
         upstream = gen.policy.upstreams.get(name) if name else None
         try:
@@ -273,14 +273,3 @@ def _record(gen, request: web.BaseRequest, route: str, listener: str, url: URL) 
         url=str(url.with_user(None)) if url.user else str(url), listener=listener,
         policy_version=gen.policy.digest, start_ns=time.time_ns(),
         sampled=gen.head_sampler(trace_id, parent_id, sampled))
-
-
-class _DecisionOnly:
-    """Just enough of an Exchange to record a decision for a request that gets no route."""
-
-    def __init__(self, gen, record: RequestRecord) -> None:
-        self.runtime = gen
-        self.record = record
-        self.route = Route(name=record.route)
-
-    decide = Exchange.decide

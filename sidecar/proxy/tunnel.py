@@ -12,7 +12,8 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.core.decisions import Decision
+from sidecar.pipeline.exchange import record_decision
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
 from sidecar.transport.egress import EgressRefused, refused_target, resolve_checked
@@ -73,7 +74,7 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
     if breaker is not None:
         admitted, _ = breaker.admit()
         if not admitted:
-            _decide(gen, record, Decision.BREAKER_OPEN, "connect breaker open", name)
+            record_decision(gen.sink, record, Decision.BREAKER_OPEN, "connect breaker open", upstream=name)
             record.status = 503
             _finish(gen, record)
             return _error(503, f"circuit breaker for {name} is open")
@@ -92,7 +93,7 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
         if breaker is not None:
             transition = breaker.record(False, gen.clock.monotonic() - started)
             if transition is not None and transition.new.value == "open":
-                _decide(gen, record, Decision.BREAKER_OPENED, transition.reason, name)
+                record_decision(gen.sink, record, Decision.BREAKER_OPENED, transition.reason, upstream=name)
         record.status = 502
         record.error_type = try_rec.error_type
         _finish(gen, record)
@@ -137,15 +138,6 @@ async def _open(host: str, port: int, own_ports: frozenset[int] | None):
         except OSError as exc:
             error = exc
     raise error or OSError(f"{host}: no address")
-
-
-def _decide(gen, record: RequestRecord, decision: Decision, reason: str, upstream: str) -> None:
-    rec = DecisionRecord(decision=decision, route=record.route, upstream=upstream, reason=reason,
-                         at=time.time(), policy_version=record.policy_version, trace_id=record.trace_id,
-                         span_id=record.span_id)
-    record.decisions.append(rec)
-    record.decision_ns.append(time.time_ns())
-    gen.sink.decision(rec)
 
 
 def _finish(gen, record: RequestRecord) -> None:
