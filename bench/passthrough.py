@@ -4,6 +4,7 @@ No policy, no hop-by-hop filtering beyond what aiohttp does itself, body streame
 Run: python -m bench.passthrough PORT UPSTREAM_PORT
 """
 import asyncio
+import logging
 import sys
 
 import aiohttp
@@ -30,6 +31,7 @@ async def main(port: int, upstream: int) -> None:
             await resp.write_eof()
             return resp
 
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)   # wrk cutting connections at the end
     server = web.Server(forward, access_log=None)
     await asyncio.get_running_loop().create_server(server, "127.0.0.1", port, backlog=4096)
     await asyncio.Event().wait()

@@ -1,7 +1,8 @@
 """The two stores behind a route's cache, both on aiocache, both answering misses rather than errors.
 
-    MemoryStore   aiocache's SimpleMemoryCache holds the entries; an OrderedDict beside it keeps LRU
-                  order, sizes and expiry, bounded by `max_entries` AND `max_bytes` (oldest go first)
+    MemoryStore   aiocache's SimpleMemoryCache holds the entries, each packed into one compact value
+                  (codec.pack); an OrderedDict beside it keeps LRU order and expiry, bounded by
+                  `max_entries` AND `max_bytes` (oldest go first)
     RedisStore    aiocache's RedisCache on `redis://host:port/db` (or `rediss://`), shared by every
                   replica; entries framed by codec.py (no pickle); Redis evicts by its own maxmemory policy
 
@@ -12,12 +13,12 @@ upstream as if the cache were empty. The first failure is logged, then nothing u
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import sys
 from collections import OrderedDict
 from typing import Protocol
 
-from aiocache import SimpleMemoryCache
-from aiocache.serializers import NullSerializer
 from yarl import URL
 
 from sidecar.cache import codec
@@ -25,6 +26,26 @@ from sidecar.core.cache import CacheEntry
 from sidecar.core.clock import Clock
 
 log = logging.getLogger("sidecar.cache")
+
+
+def _simple_memory_cache() -> type:
+    """aiocache's SimpleMemoryCache, without the redis client.
+
+    aiocache (0.12) imports the whole redis client in its package `__init__` whenever redis is
+    installed: ~7 MiB resident (redis-py brings OpenTelemetry's metrics SDK along) in every sidecar,
+    though only a `redis://` store needs it. Hidden for that one import; RedisStore imports
+    aiocache.backends.redis, and redis with it, when a policy asks for one."""
+    hide = "aiocache" not in sys.modules and "redis" not in sys.modules
+    if hide:
+        sys.modules["redis"] = None          # `import redis` raises ImportError: aiocache skips RedisCache
+    try:
+        return importlib.import_module("aiocache").SimpleMemoryCache
+    finally:
+        if hide:
+            del sys.modules["redis"]
+
+
+SimpleMemoryCache = _simple_memory_cache()
 
 PURGE_EVERY = 256                          # sets between sweeps of expired memory entries
 REDIS_OP_TIMEOUT = 0.5                     # a cache lookup slower than this is worth less than a miss
@@ -64,7 +85,8 @@ class MemoryStore:
     def __init__(self, *, max_entries: int, max_bytes: int, clock: Clock) -> None:
         # No aiocache timeout: every operation is a dict access, and wait_for would cost a task each.
         self._cache = SimpleMemoryCache(timeout=None)
-        self._index: OrderedDict[str, tuple[int, float]] = OrderedDict()   # key -> (size, expires_at)
+        # key -> expires_at (monotonic): one float per entry; an entry's size is read back from its value.
+        self._index: OrderedDict[str, float] = OrderedDict()
         self._bytes = 0
         self._sets = 0
         self.evictions = 0
@@ -76,51 +98,55 @@ class MemoryStore:
         self.max_entries, self.max_bytes = max_entries, max_bytes
 
     async def get(self, key: str) -> CacheEntry | None:
-        meta = self._index.get(key)
-        if meta is None:
+        expires = self._index.get(key)
+        if expires is None:
             return None
-        if self.clock.monotonic() >= meta[1]:
+        if self.clock.monotonic() >= expires:
             await self.delete(key)
             return None
         self._index.move_to_end(key)         # LRU: a read makes it young again
-        return await self._cache.get(key)
+        value = await self._cache.get(key)
+        return None if value is None else codec.unpack(value)
 
     async def set(self, key: str, entry: CacheEntry) -> None:
         size, keep = entry.size, entry.keep_for
         if keep <= 0 or size > self.max_bytes:
             return
-        old = self._index.pop(key, None)
-        if old is not None:
-            self._bytes -= old[0]
-        self._index[key] = (size, self.clock.monotonic() + keep)
+        value = codec.pack(entry)
+        await self.delete(key)               # a replaced entry gives its bytes back first
+        self._index[key] = self.clock.monotonic() + keep
         self._bytes += size
-        await self._cache.set(key, entry)
+        await self._cache.set(key, value)
         await self._evict()
         self._sets += 1
         if self._sets % PURGE_EVERY == 0:
             await self._purge()
 
     async def delete(self, key: str) -> None:
-        meta = self._index.pop(key, None)
-        if meta is not None:
-            self._bytes -= meta[0]
+        if self._index.pop(key, None) is not None:
+            await self._drop(key)
+
+    async def _drop(self, key: str) -> None:
+        """Remove the value of a key already out of the index, and count its bytes out."""
+        value = await self._cache.get(key)
+        if value is not None:
+            self._bytes -= codec.unpack(value).size
             await self._cache.delete(key)
 
     async def _evict(self) -> None:
         while self._index and (len(self._index) > self.max_entries or self._bytes > self.max_bytes):
-            key, (size, _) = self._index.popitem(last=False)
-            self._bytes -= size
+            key, _ = self._index.popitem(last=False)
             self.evictions += 1
-            await self._cache.delete(key)
+            await self._drop(key)
 
     async def _purge(self) -> None:
         now = self.clock.monotonic()
-        for key in [k for k, (_, expires) in self._index.items() if now >= expires]:
+        for key in [k for k, expires in self._index.items() if now >= expires]:
             await self.delete(key)
 
     def entries(self) -> int:
         now = self.clock.monotonic()
-        return sum(1 for _, expires in self._index.values() if now < expires)
+        return sum(1 for expires in self._index.values() if now < expires)
 
     def stats(self) -> dict:
         return {"store": "memory", "entries": self.entries(), "bytes": self._bytes,
@@ -143,7 +169,9 @@ class RedisStore:
         self.namespace = namespace
         self.clock = clock
         # Values are our own framed bytes: no serializer, no decoding (encoding=None).
-        from aiocache import RedisCache   # only a Redis-backed route needs the redis client importable
+        # Only a Redis-backed route imports the redis client (see _simple_memory_cache).
+        from aiocache.backends.redis import RedisCache
+        from aiocache.serializers import NullSerializer
         self._cache = RedisCache(
             serializer=NullSerializer(encoding=None), endpoint=parsed.host or "127.0.0.1",
             port=parsed.port or 6379, db=int(db) if db.isdigit() else 0, password=parsed.password,

@@ -8,12 +8,11 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
-import aiohttp
-
 from sidecar.pipeline.exchange import Call, Exchange, Reply
 from sidecar.proxy.headers import end_to_end
 from sidecar.telemetry.records import TryRecord
 from sidecar.telemetry.tracecontext import format_traceparent, new_span_id
+from sidecar.transport.client import Response
 from sidecar.transport.errors import UpstreamFailure, translate
 
 MIN_READ_IDLE = 30.0
@@ -52,22 +51,29 @@ async def send(ex: Exchange, call: Call) -> Reply:
     rec.status = resp.status
     if resp.status >= 500:
         rec.error_type = str(resp.status)
-    reply = Reply(status=resp.status, headers=end_to_end(resp.headers), upstream=call.name,
-                  stream=_relay(resp), release_cb=resp.release)
+    content = resp.content
+    if call.method == "HEAD" or resp.status in (204, 304):
+        body, stream = b"", None
+    elif content.is_eof() and content.exception() is None:
+        # The whole body came with the head (a small answer): take it now and free the connection
+        # for the next request, instead of relaying it chunk by chunk.
+        body, stream = content.read_nowait(), None
+    else:
+        body, stream = None, _relay(resp)
+    if stream is None:
+        resp.release()
+    reply = Reply(status=resp.status, headers=end_to_end(resp.headers), upstream=call.name, body=body,
+                  stream=stream, release_cb=None if stream is None else resp.release)
 
     def _ended(ok: bool | None, rec: TryRecord = rec) -> None:
         rec.end_ns = time.time_ns()
         if ok is False and rec.error_type is None:
             rec.error_type = "reset"
     reply.on_done.append(_ended)
-    if call.method == "HEAD" or resp.status in (204, 304):
-        reply.stream = None
-        reply.body = b""
-        resp.release()
     return reply
 
 
-async def _relay(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _relay(resp: Response) -> AsyncIterator[bytes]:
     """The upstream body, as it arrives. A cut is raised as `UpstreamFailure("reset")`."""
     content = resp.content
     try:

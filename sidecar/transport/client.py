@@ -1,9 +1,16 @@
-"""The one place aiohttp's client is used: connection pools and a single `send`.
+"""The one place requests leave for upstreams: pools per upstream and a single `send`.
 
-One pool (ClientSession + TCPConnector) per named upstream, sized by `max_connections` and dialled with
-its `connect_timeout` and TLS settings; one shared pool for requests that go to their original
-destination. Redirects are not followed and bodies are not decompressed: the app sees what the upstream
-sent. Pools survive a policy reload when the upstream's connection settings did not change.
+One pool per named upstream, sized by `max_connections` and dialled with its `connect_timeout` and TLS
+settings; one shared pool for requests that go to their original destination (and one more, resolving
+through the egress guard, for the proxy listener's). Redirects are not followed and bodies are not
+decompressed: the app sees what the upstream sent. Pools survive a policy reload when the upstream's
+connection settings did not change.
+
+The request is written here (RFC 9112: origin-form target, `Host`, `Content-Length` or chunked
+framing) and the response read with aiohttp's client protocol and C parser (`pool.py` says why not
+`ClientSession`). As aiohttp's client does, a request that finds a reused keep-alive connection
+closed under it (RFC 9112 §9.3.1) is sent once more on a new one when it is idempotent and its
+body can be sent again; that is the transport's own, not a policy retry.
 """
 from __future__ import annotations
 
@@ -13,15 +20,26 @@ from dataclasses import dataclass
 from typing import AsyncIterable
 
 import aiohttp
-from multidict import CIMultiDict
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import StreamWriter
+from aiohttp.http_writer import _serialize_headers   # aiohttp's C serializer; rejects CR/LF in headers
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.policy.model import Upstream
 from sidecar.transport.egress import EGRESS_GUARD, GuardedResolver
 from sidecar.transport.errors import UpstreamFailure, translate
+from sidecar.transport.pool import Origin, Pool
 
 PASSTHROUGH_CONNECT_TIMEOUT = 5.0
 PASSTHROUGH_MAX_CONNECTIONS = 1000
+READ_BUFSIZE = 64 * 1024
+MAX_LINE = MAX_FIELD = 8190                  # response status line and header field limits (aiohttp's)
+COALESCE = 16 * 1024                         # a body this small leaves in the same send() as the head
+
+NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})     # RFC 9110 §9.2.2
+STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,23 +59,63 @@ def _key(up: Upstream | None, guarded: bool = False) -> PoolKey:
     return PoolKey(up.name, up.origin, up.connect_timeout, up.max_connections, up.tls.ca_file, up.tls.verify)
 
 
-def _ssl_context(key: PoolKey) -> ssl.SSLContext | bool:
-    if not key.verify:
-        return False
+def _ssl_context(key: PoolKey) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=key.ca_file) if key.ca_file else ssl.create_default_context()
+    if not key.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 
-def _fail_body_on_close(resp: aiohttp.ClientResponse) -> None:
+class Response:
+    """Status and headers of an upstream's answer; `content` streams its body. `release()` gives the
+    connection back to the pool when the body was read to its end, and closes it otherwise."""
+
+    __slots__ = ("status", "reason", "headers", "content", "_pool", "_origin", "_proto", "_writer", "_done")
+
+    def __init__(self, status: int, reason: str, headers: CIMultiDictProxy, content: aiohttp.StreamReader,
+                 pool: Pool, origin: Origin, proto: ResponseHandler, writer: asyncio.Task | None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content = content
+        self._pool = pool
+        self._origin = origin
+        self._proto = proto
+        self._writer = writer
+        self._done = False
+        if not content.is_eof():
+            _fail_body_on_close(content, proto)
+
+    def release(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        writer = self._writer
+        content = self.content
+        reusable = content.is_eof() and content.exception() is None and (writer is None or writer.done())
+        if writer is not None and not writer.done():
+            writer.cancel()                  # the upstream answered before taking the whole body
+        self._pool.release(self._origin, self._proto, reusable)
+
+    def __del__(self) -> None:
+        # A safety net like aiohttp's ClientResponse.__del__: a response dropped unreleased must not
+        # hold its connection and its pool slot forever.
+        if not self._done:
+            self._done = True
+            try:
+                self._pool.release(self._origin, self._proto, False)
+            except Exception:  # noqa: BLE001 - at interpreter exit the loop may be gone
+                pass
+
+
+def _fail_body_on_close(content: aiohttp.StreamReader, proto: ResponseHandler) -> None:
     """Work around an aiohttp (3.14) hang: a framing error in a response body (a bad chunk size) makes
     the client parser drop the body's stream without an error or EOF and close the connection, so a
-    reader waits forever (sock_read is dropped too). When the connection closes under a body that has
-    neither ended nor failed, fail it: the relay sees a cut stream, the app a cut connection."""
-    content = resp.content
-    conn = resp.connection
-    protocol = conn.protocol if conn is not None else None
-    closed = protocol.closed if protocol is not None else None
-    if closed is None or closed.done() or content.is_eof():
+    reader waits forever. When the connection closes under a body that has neither ended nor failed,
+    fail it: the relay sees a cut stream, the app a cut connection."""
+    closed = proto.closed
+    if closed is None or closed.done():
         return
 
     def lost(_: asyncio.Future) -> None:
@@ -71,29 +129,20 @@ class Transport:
     """Owns every outbound connection. `send` returns once response headers arrived."""
 
     def __init__(self) -> None:
-        self._pools: dict[PoolKey, aiohttp.ClientSession] = {}
-        self._timeouts: dict[PoolKey, aiohttp.ClientTimeout] = {}
+        self._pools: dict[PoolKey, Pool] = {}
         self._keys: dict[int, tuple[Upstream, PoolKey]] = {}
-        self._read_timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
-    def _session(self, key: PoolKey) -> aiohttp.ClientSession:
-        session = self._pools.get(key)
-        if session is None:
-            connector = aiohttp.TCPConnector(
-                limit=key.max_connections, limit_per_host=0, ssl=_ssl_context(key),
-                ttl_dns_cache=10, enable_cleanup_closed=False, force_close=False,
-                resolver=GuardedResolver() if key.guarded else None)
-            session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                raise_for_status=False)
-            self._pools[key] = session
-            self._timeouts[key] = aiohttp.ClientTimeout(total=None, sock_connect=key.connect_timeout)
-        return session
+    def _pool(self, key: PoolKey) -> Pool:
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = Pool(
+                key.max_connections, key.connect_timeout, _ssl_context(key),
+                resolver=GuardedResolver() if key.guarded else None, cache_dns=not key.guarded)
+        return pool
 
     async def send(self, upstream: Upstream | None, method: str, url: URL, headers: CIMultiDict,
                    body: bytes | AsyncIterable[bytes] | None, *, timeout: float, read_idle: float,
-                   server_hostname: str | None = None) -> aiohttp.ClientResponse:
+                   server_hostname: str | None = None) -> Response:
         """Send one request; raise `UpstreamFailure` unless response headers arrive within `timeout`."""
         # A request to its original destination from the proxy listener resolves through the guard.
         if upstream is None:
@@ -105,24 +154,39 @@ class Transport:
             if cached is None or cached[0] is not upstream:
                 cached = self._keys[id(upstream)] = (upstream, _key(upstream))
             key = cached[1]
-        session = self._session(key)
-        client_timeout = self._read_timeouts.get((key.connect_timeout, read_idle))
-        if client_timeout is None:           # policy values only, so this stays a handful of entries
-            client_timeout = self._read_timeouts[(key.connect_timeout, read_idle)] = aiohttp.ClientTimeout(
-                total=None, sock_connect=key.connect_timeout, sock_read=read_idle)
         if timeout <= 0:
             raise UpstreamFailure("timeout", "no time left for this try")
+        pool = self._pool(key)
+        origin = (url.scheme, url.raw_host or "", url.port or 80, server_hostname)
+        streamed = body is not None and not isinstance(body, (bytes, bytearray))
+        head, chunked = _head(method, url, headers, body, streamed)
+        again = method in IDEMPOTENT and not streamed
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        fresh = False
+        resp: Response | None = None
         try:
-            async with asyncio.timeout(timeout):
-                resp = await session._request(  # noqa: SLF001 - avoids the context-manager wrapper's cost
-                    method, url, headers=headers, data=body, allow_redirects=False,
-                    timeout=client_timeout, compress=None, chunked=None,
-                    server_hostname=server_hostname or None)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - translated in one place, re-raised from the cause
+            while resp is None:
+                # The common case, an idle keep-alive connection, takes no await and no timer; a new
+                # connection or a wait for a pool slot is bounded by the try's deadline.
+                proto = None if fresh else pool.idle(origin)
+                reused = proto is not None
+                if proto is None:
+                    async with asyncio.timeout_at(deadline):
+                        proto, reused = await pool.acquire(origin, fresh=fresh)
+                try:
+                    resp = await _exchange(pool, origin, proto, method, head, body, streamed, chunked,
+                                           read_idle, deadline)
+                except STALE_CONNECTION:
+                    if not (reused and again):
+                        raise
+                    again, fresh = False, True           # once, on a new connection
+        except BaseException as exc:
+            if resp is not None:             # a cancel landed as the head arrived
+                resp.release()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             raise translate(exc) from exc
-        _fail_body_on_close(resp)
         return resp
 
     async def retain(self, upstreams: dict[str, Upstream]) -> None:
@@ -130,11 +194,92 @@ class Transport:
         self._keys.clear()                   # the old policy's Upstream records are gone
         keep = {_key(u) for u in upstreams.values()} | {_key(None), _key(None, guarded=True)}
         for key in [k for k in self._pools if k not in keep]:
-            session = self._pools.pop(key)
-            self._timeouts.pop(key, None)
-            asyncio.get_running_loop().call_later(60, lambda s=session: asyncio.ensure_future(s.close()))
+            pool = self._pools.pop(key)
+            asyncio.get_running_loop().call_later(60, pool.close)
 
     async def close(self) -> None:
-        for session in self._pools.values():
-            await session.close()
+        for pool in self._pools.values():
+            pool.close()
         self._pools.clear()
+
+
+def _head(method: str, url: URL, headers: CIMultiDict, body, streamed: bool) -> tuple[bytes, bool]:
+    """The request line and headers, with the framing the body needs (RFC 9112 §6)."""
+    if "host" not in headers:
+        headers["Host"] = url.host_port_subcomponent or ""
+    if "expect" in headers:              # the app's 100-continue was answered by our own server (Envoy does the same)
+        del headers["expect"]
+    if url.raw_user is not None and "authorization" not in headers:
+        headers["Authorization"] = aiohttp.BasicAuth.from_url(url).encode()
+    if body is None:
+        if method not in NO_BODY_METHODS and "content-length" not in headers:
+            headers["Content-Length"] = "0"
+    elif streamed:
+        if "content-length" not in headers:
+            headers["Transfer-Encoding"] = "chunked"
+            return _serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), True
+    elif "content-length" not in headers:
+        headers["Content-Length"] = str(len(body))
+    return _serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), False
+
+
+async def _exchange(pool: Pool, origin: Origin, proto: ResponseHandler, method: str, head: bytes,
+                    body, streamed: bool, chunked: bool, read_idle: float, deadline: float) -> Response:
+    """Write the request on `proto` and wait for the response head until `deadline`; the connection
+    goes back to the pool (or is closed) when this fails, else when the `Response` is released."""
+    writer: asyncio.Task | None = None
+    # The head's deadline is a timer that fails the protocol's read (no asyncio.timeout frame per
+    # request); once the head is in, the body is bounded by the protocol's idle `read_timeout`.
+    timer = asyncio.get_running_loop().call_at(deadline, _head_deadline, proto)
+    try:
+        proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
+                                  read_timeout=read_idle, read_bufsize=READ_BUFSIZE,
+                                  max_line_size=MAX_LINE, max_field_size=MAX_FIELD)
+        transport = proto.transport
+        if transport is None:
+            raise aiohttp.ServerDisconnectedError()
+        if body is None:
+            transport.write(head)
+        elif not streamed:
+            if len(body) <= COALESCE:
+                transport.write(head + body)
+            else:
+                transport.writelines((head, body))
+        else:
+            transport.write(head)
+            writer = asyncio.ensure_future(_write_body(proto, body, chunked))
+        message, payload = await proto.read()
+        while 100 <= message.code < 200 and message.code != 101:      # interim answers (RFC 9110 §15.2)
+            message, payload = await proto.read()
+    except BaseException:
+        timer.cancel()
+        if writer is not None:
+            writer.cancel()
+        pool.release(origin, proto, False)
+        raise
+    timer.cancel()
+    return Response(message.code, message.reason, message.headers, payload, pool, origin, proto, writer)
+
+
+def _head_deadline(proto: ResponseHandler) -> None:
+    proto.set_exception(TimeoutError("no response headers in time"))
+
+
+async def _write_body(proto: ResponseHandler, body: AsyncIterable[bytes], chunked: bool) -> None:
+    """Stream a request body with flow control; a body that breaks off cuts the connection, so the
+    upstream never takes a truncated request for a whole one."""
+    writer = StreamWriter(proto, asyncio.get_running_loop())
+    if chunked:
+        writer.enable_chunking()
+    try:
+        async for chunk in body:
+            await writer.write(chunk)
+        await writer.write_eof()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the app's body or the upstream's socket failed
+        proto.set_exception(aiohttp.ClientOSError(f"request body could not be sent: {exc}"))
+        transport = proto.transport
+        if transport is not None:
+            transport.abort()
+        return

@@ -42,11 +42,18 @@ def translate(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, (aiohttp.ClientResponseError, http_exceptions.HttpProcessingError)):
         return UpstreamFailure("protocol-error", _short(exc))
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
-                        aiohttp.ClientOSError, ConnectionError, OSError)):
+                        aiohttp.ClientConnectionError, ConnectionError, OSError)):
         return UpstreamFailure("reset", _short(exc))
     if isinstance(exc, aiohttp.ClientError):
         return UpstreamFailure("protocol-error", _short(exc))
     raise exc
+
+
+def connect_failure(exc: BaseException, context: str) -> UpstreamFailure:
+    """A failure to open a connection: refused, unreachable, DNS, TLS handshake, egress guard."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError) \
+        else _short(exc)
+    return UpstreamFailure("connect-failure", f"{context}: {redact(str(reason))[:200]}")
 
 
 # Where a parser error starts quoting the peer's raw bytes: `...: b'HTTX/1.1 200'` or `bytearray(b'...`.

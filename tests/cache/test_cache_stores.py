@@ -36,6 +36,22 @@ def test_codec_rejects_anything_else(data):
         codec.decode(data)
 
 
+@pytest.mark.parametrize("body", [b"", b"x" * 100, bytes(range(256)) * 100])
+def test_memory_form_round_trips_every_field(body):
+    original = entry(body=body, sie=3600, swr=30)
+    packed = codec.pack(original)
+    assert codec.unpack(packed) == original
+    if len(body) > codec.INLINE_BODY:
+        assert codec.unpack(packed).body is original.body    # a large body is never copied on a hit
+
+
+def test_memory_form_keeps_what_marshal_cannot_write_as_it_is():
+    class Name(str):
+        pass
+    odd = CacheEntry(status=200, headers=((Name("x-a"), "1"),), body=b"x", stored_at=0.0, ttl=60.0)
+    assert codec.unpack(codec.pack(odd)) is odd
+
+
 # -- memory -----------------------------------------------------------------------------------------
 
 async def test_memory_lru_bounded_by_entries():
