@@ -24,6 +24,7 @@ from sidecar.pipeline.calls import make_call
 from sidecar.pipeline.exchange import Degraded, Exchange, Reply, record_decision
 from sidecar.pipeline.fallback import Failure
 from sidecar.policy.model import Listener, Route
+from sidecar.proxy.guard import refusal
 from sidecar.proxy.headers import end_to_end
 from sidecar.proxy.original_dst import original_destination
 from sidecar.proxy.tunnel import tunnel
@@ -61,11 +62,16 @@ def json_error(status: int, error: str, route: str | None, decisions: list[str],
 class ListenerHandler:
     """One per listener; reads the runtime's current generation for every request."""
 
+    checks_requests = True               # GuardedServer: `refusal` is called here, not wrapped around
+
     def __init__(self, runtime, listener: Listener) -> None:
         self.runtime = runtime
         self.listener = listener
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        refused = refusal(request)
+        if refused is not None:
+            return refused
         try:
             return await self._handle(request)
         except asyncio.CancelledError:
@@ -238,8 +244,10 @@ class _CoalescedResponse(web.StreamResponse):
 
 async def _send_reply(request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
     known_length = reply.body is not None or "content-length" in reply.headers
+    # The reply's headers are ours alone by now: handed over, not copied (aiohttp's own Response
+    # does the same with this parameter).
     resp = (_CoalescedResponse if known_length else web.StreamResponse)(status=reply.status,
-                                                                        headers=reply.headers)
+                                                                        _real_headers=reply.headers)
     if reply.body is not None:
         resp.content_length = len(reply.body)
         await resp.prepare(request)
