@@ -15,8 +15,9 @@ best its features allow, one config for all five scenarios:
     haproxy    retry-on conn-failure/empty-response/response-timeout/503 (retries 2, redispatch),
                active checks + `observe layer7` (error-limit 10, mark-down), `backup` server,
                timeout server 500ms per try, `cache` (which cannot serve stale)
-    sidecar    retry (2, under a 20 % budget) + breaker + hedge at 100 ms + fallback to the backup,
-               then to a stale cache copy; health checks on both upstreams
+    sidecar    retry (2, under a 20 % budget) + breaker (failures, and slow calls: over 2 % slower
+               than the hedge delay) + hedge at 100 ms + fallback to the backup, then to a stale
+               cache copy; health checks on both upstreams
 """
 from __future__ import annotations
 
@@ -284,6 +285,7 @@ routes:
       open_for: 5s
       max_open_for: 30s
       half_open_requests: 2
+      slow_call: {{duration: {HEDGE_DELAY_MS}ms, rate: 0.02}}
     concurrency: {{max: 1000}}
     hedge: {{delay: {HEDGE_DELAY_MS}ms, max_extra: 1}}
 {cache_cfg}    fallback:

@@ -188,6 +188,16 @@ class CircuitBreaker:
         # late. It says nothing about the upstream's state now, so it is not counted.
         return None
 
+    def abandon(self, duration: float) -> Transition | None:
+        """An admitted call we gave up after `duration` seconds (a losing hedge, a cancelled request).
+        Past the slow-call threshold it counts as slow (it could only have been slower): otherwise
+        hedging would hide exactly the slowness `slow_call` is there to catch. Else no outcome."""
+        slow_call = self._policy.slow_call
+        if slow_call is not None and duration > slow_call.duration:
+            return self.record(True, duration)
+        self.release()
+        return None
+
     def release(self) -> None:
         """An admitted call ended with no outcome (cancelled, e.g. a losing hedge): free its probe slot."""
         if self._state is _H and self._probes > 0:

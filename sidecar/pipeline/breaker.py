@@ -50,7 +50,8 @@ async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
         note_transition(ex, call.name, breaker.record(False, clock.monotonic() - started))
         raise
     except BaseException:
-        breaker.release()                    # cancelled (a losing hedge) or no outcome: not counted
+        # Cancelled (a losing hedge) or no outcome: not counted, unless it was already slow.
+        note_transition(ex, call.name, breaker.abandon(clock.monotonic() - started))
         raise
     elapsed = clock.monotonic() - started
     if reply.status >= 500:

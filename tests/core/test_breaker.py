@@ -210,6 +210,30 @@ def test_release_frees_a_probe_slot_without_counting():
     assert breaker.snapshot()["probes_in_flight"] == 0
 
 
+def test_an_abandoned_call_counts_only_when_already_slow():
+    breaker, _ = make(consecutive_failures=None, min_requests=4, slow_call=SlowCall(duration=0.1, rate=0.5))
+    assert ok(breaker, 2) == []
+    assert breaker.abandon(0.05) is None            # a losing hedge that was not slow: no outcome
+    assert breaker.snapshot()["window"]["calls"] == 2
+    assert breaker.abandon(0.2) is None             # past the threshold: a slow call (2 of 3)
+    assert breaker.snapshot()["window"]["slow"] == 1
+    transition = breaker.abandon(0.3)               # 2 slow of 4: the rate trips
+    assert transition == Transition(CLOSED, OPEN, "slow call rate 0.50 over 30s (slower than 100ms)",
+                                    TripReason.SLOW_CALL_RATE)
+
+
+def test_an_abandoned_slow_probe_reopens():
+    breaker, _ = half_open(slow_call=SlowCall(duration=2.0, rate=0.5))
+    assert breaker.abandon(2.5).new is OPEN
+
+
+def test_an_abandoned_call_without_slow_call_policy_is_released():
+    breaker, _ = half_open(half_open_requests=1)
+    assert breaker.admit() == (False, None)
+    assert breaker.abandon(99.0) is None
+    assert breaker.admit() == (True, None)
+
+
 def test_release_is_a_no_op_when_closed():
     breaker, _ = make()
     breaker.release()
