@@ -537,3 +537,15 @@ def test_healthy_unsampled_request_is_cheap(otlp_grpc_receiver, sinks):
         sink.request_finished(record)
     sink.force_flush()
     assert otlp_grpc_receiver.spans == []
+
+
+def test_credential_like_query_values_are_scrubbed_from_span_urls(otlp_http_receiver, sinks):
+    sink = make(sinks, telemetry(ratio=1.0), http_env(otlp_http_receiver))
+    record = healthy()
+    record.url = "https://api.example.com/v1/search?q=shoes&api_key=sk-live-123456&access_token=abcdef"
+    record.tries[0].url = record.url
+    sink.request_finished(record)
+    assert sink.force_flush()
+    spans = otlp_http_receiver.wait_for_spans(2, where=lambda s: s.trace_id == record.trace_id)
+    expected = "https://api.example.com/v1/search?q=shoes&api_key=<redacted>&access_token=<redacted>"
+    assert [s.attributes["url.full"] for s in spans] == [expected, expected]
