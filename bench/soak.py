@@ -25,7 +25,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,16 +34,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from bench.systems import free_port
+
 MiB = 1024 * 1024
 RSS_GROWTH_LIMIT = 48 * MiB
 FD_GROWTH_LIMIT = 24
 CLIENT_TIMEOUT = 12.0                    # beyond the longest route timeout: past it a request "hung"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_stats(pid: int) -> dict:

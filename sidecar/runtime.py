@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import logging
 import random
-import socket
 import time
 
 from aiohttp import web
@@ -336,10 +335,4 @@ def serve(policy_path: str, *, workers: int = 1, drain_timeout: float = 20.0, lo
             print(problem, flush=True)
         return 1
     return run_forever(policy, workers=workers, drain_timeout=drain_timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 

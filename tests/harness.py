@@ -11,10 +11,20 @@ from sidecar.app import Sidecar, start
 from sidecar.policy.load import load_policy
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, never one this test process handed out before: the kernel
+    may give the same ephemeral port to two bind(0) calls in a row once the first socket is closed,
+    and a policy with its listener and admin on one port is (rightly) refused."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 class Upstream:

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
+from harness import free_port
 from sidecar.app import Sidecar, start
 from sidecar.policy.load import load_policy
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- upstreams -------------------------------------------------------------------------------------

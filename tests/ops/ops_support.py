@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,13 +16,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from harness import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def eventually(check, *, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
