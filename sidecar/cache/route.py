@@ -16,7 +16,7 @@ from sidecar.cache.stores import Store, open_store
 from sidecar.cache.tee import Capture, tee
 from sidecar.core.cache import (
     NOT_MODIFIED_HEADERS, CacheEntry, Freshness, RequestDirectives, build_key, cache_status, etag_matches,
-    freshness, key_digest, make_entry, not_storable, usable_on_error, vary_matches,
+    freshened, freshness, key_digest, make_entry, not_storable, usable_on_error, validators, vary_matches,
 )
 from sidecar.core.clock import Clock
 from sidecar.core.decisions import Decision
@@ -58,7 +58,7 @@ class RouteCache:
         self._tasks: set[asyncio.Task] = set()
         self._warm_task: asyncio.Task | None = None          # not in _tasks: it never ends by itself
         self.counts = dict.fromkeys(("hits", "stale", "revalidations", "revalidate_failed", "misses",
-                                     "stored", "not_stored", "collapsed", "bypass"), 0)
+                                     "stored", "not_stored", "collapsed", "bypass", "not_modified"), 0)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def update(self, policy: CachePolicy) -> None:
@@ -159,6 +159,7 @@ class RouteCache:
         now = self.clock.time()
         entry = await self.lookup(key)
         fwd = "miss"
+        stale: CacheEntry | None = None      # an expired copy the origin may confirm with a 304
         if entry is not None and not vary_matches(entry, ex.headers):
             entry, fwd = None, "vary-miss"
         if entry is not None:
@@ -172,6 +173,8 @@ class RouteCache:
                 return self._serve_and_refresh(ex, call, next, key, entry, now)
             else:
                 fwd = "stale"
+                if not any(name in ex.headers for name in CONDITIONALS):   # the app's own validators win
+                    stale = entry
         if directives.only_if_cached:
             return Reply(status=504, headers=CIMultiDict({"content-type": "application/json"}),
                          upstream="cache", body=b'{"error": "not cached (only-if-cached)"}',
@@ -191,10 +194,13 @@ class RouteCache:
             return await self._forward(ex, call, next, key, fwd, None)   # not stored: on our own
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
-        return await self._forward(ex, call, next, key, fwd, fut)
+        return await self._forward(ex, call, next, key, fwd, fut, stale)
 
     async def _forward(self, ex: Exchange, call: Call, next, key: str, fwd: str,
-                       fut: asyncio.Future | None) -> Reply:
+                       fut: asyncio.Future | None, stale: CacheEntry | None = None) -> Reply:
+        conditional = validators(stale) if stale is not None else ()
+        for name, value in conditional:      # RFC 9111 §4.3.1: ask whether the stored copy still holds
+            call.headers[name] = value
         handed_over = False
         try:
             try:
@@ -208,6 +214,9 @@ class RouteCache:
             if reply.upstream == "cache":    # the fallback chain's `cache: stale` target answered
                 self._settle(key, fut, FAILED)
                 return reply
+            if conditional and reply.status == 304 and reply.upstream not in LOCAL_ANSWERS:
+                handed_over = True
+                return self._not_modified(ex, key, stale, reply, fut)
             if reply.status >= 500 and reply.upstream not in ("static", "queue"):
                 self._settle(key, fut, FAILED)
                 stale = await self._stale_on_error(ex, key, fwd, f"{reply.status} from {reply.upstream}",
@@ -271,6 +280,22 @@ class RouteCache:
                                           upstream_value=upstream_value)
         return True
 
+    def _not_modified(self, ex: Exchange, key: str, stale: CacheEntry, reply: Reply,
+                      fut: asyncio.Future | None) -> Reply:
+        """RFC 9111 §4.3.3: the origin confirmed the stored copy. Freshen it, store it, serve it whole."""
+        reply.finish(True)                   # a good answer: the breaker counts it
+        now = self.clock.time()
+        entry = freshened(stale, tuple(reply.headers.items()), now=now, policy=ex.route.cache or self.policy,
+                          request_headers=ex.headers)
+        self.save(key, entry)
+        self._settle(key, fut, entry)
+        self.counts["not_modified"] += 1
+        ex.decide(Decision.CACHE_REVALIDATE, f"{reply.upstream} confirmed the stored copy (304)",
+                  upstream="cache")
+        return self._reply(ex, entry, now, cache_status(fwd="stale", fwd_status=304, stored=True,
+                                                        ttl=entry.remaining(now),
+                                                        upstream_value=reply.headers.get("cache-status")))
+
     def _settle(self, key: str, fut: asyncio.Future | None, entry: CacheEntry | None) -> None:
         if fut is None:
             return
@@ -321,7 +346,7 @@ class RouteCache:
                   f"copy {stale_for:.0f}s past its ttl, served while it is refreshed", upstream="cache")
         if key not in self._refreshing:
             self.counts["revalidations"] += 1
-            task = self._spawn(self._refresh(ex, call, next, key))
+            task = self._spawn(self._refresh(ex, call, next, key, entry))
             if task is not None:
                 self._refreshing[key] = task
                 task.add_done_callback(lambda t, key=key: self._refreshing.pop(key, None)
@@ -365,16 +390,19 @@ class RouteCache:
         return reply
 
     # -- background refresh and shadow mode --------------------------------------------------------
-    async def _refresh(self, ex: Exchange, call: Call, next, key: str) -> None:
-        """Fetch the answer again on an exchange of its own: nothing here can touch the app's response."""
+    async def _refresh(self, ex: Exchange, call: Call, next, key: str, stale: CacheEntry) -> None:
+        """Fetch the answer again on an exchange of its own: nothing here can touch the app's response.
+        Conditional on the stored copy's validators: a 304 freshens it without sending the body again."""
         bg = _background_exchange(ex)
         bg_call = make_call(bg, call.upstream)
         for name in CONDITIONALS:
             bg_call.headers.popall(name, None)
+        for name, value in validators(stale):
+            bg_call.headers[name] = value
         try:
             async with asyncio.timeout(bg.route.timeout + 1.0):
                 reply = await next(bg, bg_call)
-                if not await self._absorb(bg, key, reply):
+                if not await self._absorb(bg, key, reply, stale):
                     self.counts["revalidate_failed"] += 1
         except (Degraded, UpstreamFailure, TimeoutError, OSError) as exc:
             self.counts["revalidate_failed"] += 1
@@ -383,9 +411,15 @@ class RouteCache:
             self.counts["revalidate_failed"] += 1
             log.exception("background refresh on route %s failed", self.route)
 
-    async def _absorb(self, bg: Exchange, key: str, reply: Reply) -> bool:
+    async def _absorb(self, bg: Exchange, key: str, reply: Reply, stale: CacheEntry | None = None) -> bool:
         """Read a refreshed answer whole (up to max_body) and store it; False when it was not stored."""
         policy = bg.route.cache or self.policy
+        if stale is not None and reply.status == 304 and validators(stale) and reply.upstream not in LOCAL_ANSWERS:
+            reply.finish(True)
+            self.save(key, freshened(stale, tuple(reply.headers.items()), now=self.clock.time(), policy=policy,
+                                     request_headers=bg.headers))
+            self.counts["not_modified"] += 1
+            return True
         if reply.upstream in LOCAL_ANSWERS or not_storable(reply.status, reply.headers, policy) is not None:
             reply.release()
             return False

@@ -30,6 +30,7 @@ from sidecar.policy.model import CachePolicy
 CACHE_NAME = "sidecar"                     # our member name in Cache-Status (RFC 9211 §2)
 
 # The headers RFC 9110 §15.4.5 asks a 304 to repeat from the 200 it stands for.
+REVALIDATE_GRACE = 60.0                    # seconds an expired copy with a validator is kept to revalidate
 NOT_MODIFIED_HEADERS = ("cache-control", "content-location", "date", "etag", "expires", "vary")
 
 
@@ -54,8 +55,13 @@ class CacheEntry:
 
     @property
     def keep_for(self) -> float:
-        """How long a store keeps it: stale copies must outlive freshness to serve during outages."""
-        return self.ttl + max(self.stale_if_error, self.stale_while_revalidate)
+        """How long a store keeps it: stale copies must outlive freshness to serve during outages, and
+        one with a validator (ETag, Last-Modified) outlives it by at least REVALIDATE_GRACE (or its
+        ttl, if longer) so that a request after expiry can revalidate it instead of fetching it whole."""
+        extra = max(self.stale_if_error, self.stale_while_revalidate)
+        if self.status == 200 and (self.header("etag") or self.header("last-modified")):
+            extra = max(extra, self.ttl, REVALIDATE_GRACE)
+        return self.ttl + extra
 
     @property
     def size(self) -> int:
@@ -230,6 +236,31 @@ def make_entry(status: int, headers: Iterable[tuple[str, str]], body: bytes, *, 
     return CacheEntry(status=status, headers=pairs, body=body, stored_at=now, ttl=policy.ttl,
                       stale_if_error=sie, stale_while_revalidate=swr,
                       vary=vary_values(pairs, request_headers))
+
+
+def validators(entry: CacheEntry) -> tuple[tuple[str, str], ...]:
+    """RFC 9111 §4.3.1: the conditional header fields asking the origin whether a stored 200 is still
+    current (`If-None-Match` from its ETag, `If-Modified-Since` from its Last-Modified); () for none."""
+    if entry.status != 200:
+        return ()
+    found = []
+    etag = entry.header("etag")
+    if etag:
+        found.append(("If-None-Match", etag))
+    modified = entry.header("last-modified")
+    if modified:
+        found.append(("If-Modified-Since", modified))
+    return tuple(found)
+
+
+def freshened(entry: CacheEntry, not_modified: Iterable[tuple[str, str]], *, now: float, policy: CachePolicy,
+              request_headers: Mapping[str, str]) -> CacheEntry:
+    """RFC 9111 §4.3.4: the stored answer after a 304, its header fields replaced by the 304's (but for
+    Content-Length, §3.2), fresh again from `now`; the stored body is kept."""
+    fresh = [(k, v) for k, v in not_modified if k.lower() != "content-length"]
+    replaced = {k.lower() for k, _ in fresh}
+    headers = [(k, v) for k, v in entry.headers if k.lower() not in replaced] + fresh
+    return make_entry(entry.status, headers, entry.body, now=now, policy=policy, request_headers=request_headers)
 
 
 def vary_values(headers: Iterable[tuple[str, str]], request_headers: Mapping[str, str]) \

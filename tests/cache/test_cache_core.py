@@ -4,8 +4,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.core.cache import (
-    CacheEntry, Freshness, NotStored, RequestDirectives, build_key, cache_status, canonical_url, etag_matches,
-    freshness, key_digest, make_entry, not_storable, parse_cache_control, usable_on_error, vary_matches,
+    REVALIDATE_GRACE, CacheEntry, Freshness, NotStored, RequestDirectives, build_key, cache_status, canonical_url,
+    etag_matches, freshened, freshness, key_digest, make_entry, not_storable, parse_cache_control,
+    usable_on_error, validators, vary_matches,
 )
 from sidecar.core.clock import FakeClock
 from sidecar.policy.model import CachePolicy
@@ -176,3 +177,31 @@ def test_etag_weak_comparison():
 ])
 def test_cache_status_values(kwargs, expected):
     assert cache_status(**kwargs) == expected
+
+
+def test_validators_come_from_etag_and_last_modified_of_a_200():
+    clock = FakeClock()
+    both = entry_at(clock, headers=(("ETag", '"a"'), ("Last-Modified", "Wed, 25 Nov 2026 10:00:00 GMT")))
+    assert validators(both) == (("If-None-Match", '"a"'), ("If-Modified-Since", "Wed, 25 Nov 2026 10:00:00 GMT"))
+    assert validators(entry_at(clock)) == ()
+    not_ok = make_entry(404, (("ETag", '"a"'),), b"", now=0, policy=POLICY, request_headers=CIMultiDict())
+    assert validators(not_ok) == ()
+
+
+def test_an_entry_with_a_validator_is_kept_past_its_stale_windows_to_be_revalidated():
+    clock = FakeClock()
+    short = CachePolicy(ttl=10)
+    assert entry_at(clock, short).keep_for == 10
+    assert entry_at(clock, short, headers=(("ETag", '"a"'),)).keep_for == 10 + REVALIDATE_GRACE
+    assert entry_at(clock, CachePolicy(ttl=600), headers=(("ETag", '"a"'),)).keep_for == 1200
+    assert entry_at(clock, headers=(("ETag", '"a"'),)).keep_for == 60 + 3600     # stale_if_error is longer
+
+
+def test_a_304_freshens_the_entry_and_replaces_its_header_fields_but_content_length():
+    clock = FakeClock()
+    old = entry_at(clock, headers=(("ETag", '"a"'), ("Content-Length", "4"), ("X-Gen", "1"), ("X-Kept", "k")))
+    clock.advance(100)
+    new = freshened(old, (("ETag", '"a"'), ("X-Gen", "2"), ("Content-Length", "0")), now=clock.time(),
+                    policy=POLICY, request_headers=CIMultiDict())
+    assert new.body == b"body" and new.stored_at == clock.time() and freshness(new, clock.time()) is Freshness.FRESH
+    assert new.header("x-gen") == "2" and new.header("x-kept") == "k" and new.header("content-length") == "4"

@@ -450,3 +450,103 @@ async def test_shadow_mode_decides_but_always_forwards(upstream_factory, sidecar
     assert body == b"v2:/x:" and "cache-status" not in headers and "x-sidecar-degraded" not in headers
     assert up.hits == 2
     assert sc.runtime.status()["routes"][0]["cache"]["entries"] == 1
+
+
+class Validating:
+    """An upstream with an ETag (and a Last-Modified) that answers 304 to a matching validator, and
+    remembers the validators it was sent."""
+
+    def __init__(self, etag: str | None = '"v1"', last_modified: str | None = None) -> None:
+        self.etag, self.last_modified = etag, last_modified
+        self.body = "version one"
+        self.seen: list[tuple[str | None, str | None]] = []
+        self.full = self.not_modified = 0
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        inm, ims = request.headers.get("If-None-Match"), request.headers.get("If-Modified-Since")
+        self.seen.append((inm, ims))
+        headers = {"cache-control": "max-age=3600", "x-generation": str(self.full + self.not_modified)}
+        if self.etag:
+            headers["etag"] = self.etag
+        if self.last_modified:
+            headers["last-modified"] = self.last_modified
+        if (inm is not None and inm == self.etag) or (inm is None and ims is not None and ims == self.last_modified):
+            self.not_modified += 1
+            return web.Response(status=304, headers=headers)
+        self.full += 1
+        return web.Response(text=self.body, headers=headers)
+
+
+async def test_an_expired_copy_is_revalidated_and_a_304_serves_it_fresh(upstream_factory, sidecar_factory, port):
+    clock = FakeClock()
+    app = Validating()
+    up = await upstream_factory(app)
+    sc = await sidecar_factory(policy(port, up.url, "{ttl: 10s}"), clock=clock)
+    assert (await get(port))[2] == b"version one"
+    clock.advance(30)
+    status, headers, body = await get(port)
+    assert (status, body) == (200, b"version one")      # the stored body, not the empty 304
+    assert app.seen[-1] == ('"v1"', None) and (app.full, app.not_modified) == (1, 1)
+    assert headers["cache-status"] == "sidecar; fwd=stale; fwd-status=304; ttl=10; stored"
+    assert headers["x-generation"] == "1"                 # the 304's header fields replace the stored ones
+    assert headers["age"] == "0" and headers["x-sidecar-degraded"] == "cache_revalidate"
+    assert cache_of(sc).stats()["not_modified"] == 1
+    clock.advance(5)
+    _, headers, body = await get(port)                   # freshened: a plain hit again
+    assert body == b"version one" and headers["cache-status"] == "sidecar; hit; ttl=5"
+    assert up.hits == 2
+
+
+async def test_a_changed_resource_replaces_the_expired_copy(upstream_factory, sidecar_factory, port):
+    clock = FakeClock()
+    app = Validating()
+    up = await upstream_factory(app)
+    await sidecar_factory(policy(port, up.url, "{ttl: 10s}"), clock=clock)
+    await get(port)
+    clock.advance(30)
+    app.etag, app.body = '"v2"', "version two"
+    status, headers, body = await get(port)
+    assert (status, body) == (200, b"version two") and app.seen[-1] == ('"v1"', None)
+    assert headers["cache-status"] == "sidecar; fwd=stale; fwd-status=200; stored"
+    _, headers, body = await get(port)
+    assert body == b"version two" and headers["cache-status"].startswith("sidecar; hit")
+
+
+async def test_last_modified_alone_is_revalidated_with_if_modified_since(upstream_factory, sidecar_factory, port):
+    clock = FakeClock()
+    app = Validating(etag=None, last_modified="Wed, 25 Nov 2026 10:00:00 GMT")
+    up = await upstream_factory(app)
+    await sidecar_factory(policy(port, up.url, "{ttl: 10s}"), clock=clock)
+    await get(port)
+    assert app.seen[0] == (None, None)                  # the first fetch is unconditional
+    clock.advance(30)
+    status, headers, body = await get(port)
+    assert (status, body) == (200, b"version one")
+    assert app.seen[-1] == (None, "Wed, 25 Nov 2026 10:00:00 GMT") and app.not_modified == 1
+
+
+async def test_the_background_refresh_is_conditional_too(upstream_factory, sidecar_factory, port):
+    clock = FakeClock()
+    app = Validating()
+    up = await upstream_factory(app)
+    sc = await sidecar_factory(policy(port, up.url, "{ttl: 10s, stale_while_revalidate: 60s}"), clock=clock)
+    await get(port)
+    clock.advance(15)
+    _, headers, body = await get(port)                   # served stale, refreshed behind
+    assert body == b"version one" and headers["cache-status"].endswith("detail=stale-while-revalidate")
+    await wait_for(lambda: app.not_modified == 1)
+    await cache_of(sc).drain()
+    assert app.seen[-1] == ('"v1"', None) and app.full == 1
+    _, headers, body = await get(port)
+    assert body == b"version one" and headers["cache-status"] == "sidecar; hit; ttl=10"
+
+
+async def test_the_apps_own_validator_is_forwarded_untouched(upstream_factory, sidecar_factory, port):
+    clock = FakeClock()
+    app = Validating()
+    up = await upstream_factory(app)
+    await sidecar_factory(policy(port, up.url, "{ttl: 10s}"), clock=clock)
+    await get(port)
+    clock.advance(30)
+    status, _, body = await get(port, headers={"If-None-Match": '"other"'})
+    assert (status, body) == (200, b"version one") and app.seen[-1] == ('"other"', None)
