@@ -142,6 +142,12 @@ class GuardedRequestHandler(RequestHandler):
         if self._linger is not None:
             self._linger.cancel()
         super().connection_lost(exc)
+        body = self._body
+        if body is not None and not body.is_eof() and body.exception() is None:
+            # No handler is reading it (aiohttp fails the body of a request still being handled):
+            # this is aiohttp's lingering read of a body left unread after the answer, which does not
+            # notice the connection is gone and would wait out lingering_time (10 s) on a dead socket.
+            body.feed_eof()
 
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:

@@ -149,3 +149,28 @@ async def test_hundreds_of_half_sent_requests_do_not_starve_others(fast, ports, 
     await asyncio.sleep(0.1)
     assert len(server.connections) <= 1
     await assert_healthy(fast, ports, upstream.url)
+
+
+async def test_a_client_gone_after_its_answer_leaves_no_connection_behind(sidecar_factory, ports,
+                                                                          raw_upstream_factory):
+    """The app sent part of a body, got its answer (the upstream did not wait for the rest) and went
+    away: its connection is released at once, not after aiohttp's 10 s lingering read of the unread
+    body on a socket that is already gone."""
+    async def answer_at_once(reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()                  # until the sidecar drops the half-sent upload
+    up = await raw_upstream_factory(answer_at_once)
+    sc = await sidecar_factory(policy_text(ports, up.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", ports.reverse)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: app.local\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    answer = await read_answer(reader, close_wait=0)
+    assert (answer.status, answer.body) == (200, b"ok")
+    servers = [entry[1] for entry in sc.runtime._servers.values()]
+    assert any(server.connections for server in servers)
+    writer.close()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0             # aiohttp's lingering_time is 10 s
+    while any(server.connections for server in servers) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    assert not any(server.connections for server in servers), "the connection outlived its client"
