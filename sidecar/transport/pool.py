@@ -27,6 +27,7 @@ from sidecar.transport.errors import UpstreamFailure, connect_failure
 
 KEEPALIVE = 15.0                 # idle seconds before a pooled connection is closed (aiohttp's default)
 DNS_TTL = 10.0                   # seconds a resolved name is reused for new connections
+DNS_CACHE_MAX = 1024             # names remembered per pool
 
 Origin = tuple[str, str, int, str | None]      # scheme, host, port, TLS server name
 
@@ -182,6 +183,8 @@ class Pool:
             raise connect_failure(exc, f"cannot resolve {host}") from exc
         addresses = list(dict.fromkeys(entry["host"] for entry in found))
         if self._cache_dns:
+            if len(self._dns) >= DNS_CACHE_MAX:
+                self._dns.clear()                 # a pool that met this many names: start over
             self._dns[(host, port)] = (now + DNS_TTL, addresses)
         return addresses
 
