@@ -62,10 +62,6 @@ class Pool:
         self._closed = False
         self._loop = asyncio.get_running_loop()
 
-    @property
-    def open(self) -> int:
-        return self._open
-
     def idle(self, origin: Origin) -> ResponseHandler | None:
         """An idle keep-alive connection to `origin`, if one is still good (the common case: no await)."""
         idle = self._idle.get(origin)
