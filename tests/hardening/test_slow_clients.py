@@ -174,3 +174,21 @@ async def test_a_client_gone_after_its_answer_leaves_no_connection_behind(sideca
     while any(server.connections for server in servers) and loop.time() < deadline:
         await asyncio.sleep(0.05)
     assert not any(server.connections for server in servers), "the connection outlived its client"
+
+
+async def test_a_client_waiting_for_100_continue_gets_it_before_sending_its_body(sidecar_factory, ports,
+                                                                               upstream):
+    """RFC 9110 §10.1.1: curl and others send `Expect: 100-continue` and hold the body back until a 100
+    (curl gives up waiting after a second). The sidecar answers it; the upstream sees no Expect."""
+    await sidecar_factory(policy_text(ports, upstream.url))
+    for port, target in ((ports.reverse, "/upload"), (ports.proxy, f"{upstream.url}/upload")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST {target} HTTP/1.1\r\nHost: app.local\r\nContent-Length: 5\r\n"
+                     f"Expect: 100-continue\r\n\r\n".encode())
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)   # the body is not sent yet
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        answer = await read_answer(reader, close_wait=0)
+        writer.close()
+        assert (answer.status, answer.body) == (200, b"ok POST /upload 5")
+        assert "Expect" not in upstream.seen[-1]["headers"]
