@@ -271,6 +271,7 @@ class Runtime:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "routes": routes,
             "upstreams": {name: {"healthy": h.healthy} for name, h in self.health.items()},
+            "connection_pools": self.transport.stats(),
             "queue": self.queue.stats() if self.queue is not None else None,
             "listeners": [{"name": lst.name, "mode": lst.mode, "bind": lst.bind, "port": lst.port}
                           for lst, _, _ in self._servers.values()],

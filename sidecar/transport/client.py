@@ -189,6 +189,14 @@ class Transport:
             raise translate(exc) from exc
         return resp
 
+    def stats(self) -> dict[str, dict]:
+        """Each pool's connections, by upstream name (`passthrough` for original destinations)."""
+        out = {}
+        for key, pool in self._pools.items():
+            name = key.name or ("passthrough (egress-guarded)" if key.guarded else "passthrough")
+            out[name] = pool.stats()
+        return out
+
     async def retain(self, upstreams: dict[str, Upstream]) -> None:
         """After a reload: close pools no upstream uses any more (idle connections only linger)."""
         self._keys.clear()                   # the old policy's Upstream records are gone

@@ -62,6 +62,11 @@ class Pool:
         self._closed = False
         self._loop = asyncio.get_running_loop()
 
+    def stats(self) -> dict:
+        """For /status: connections open (idle ones included), idle, and requests waiting for one."""
+        return {"open": self._open, "idle": sum(len(v) for v in self._idle.values()),
+                "waiting": sum(1 for w in self._waiters if not w.done()), "max": self.limit}
+
     def idle(self, origin: Origin) -> ResponseHandler | None:
         """An idle keep-alive connection to `origin`, if one is still good (the common case: no await)."""
         idle = self._idle.get(origin)

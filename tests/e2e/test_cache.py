@@ -317,10 +317,13 @@ async def test_status_and_metrics_report_the_cache(upstream_factory, sidecar_fac
     await get(port, "/b")
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port['admin']}/status") as r:
-            route = (await r.json())["routes"][0]
+            status = await r.json()
+            route = status["routes"][0]
         async with s.get(f"http://127.0.0.1:{port['admin']}/metrics") as r:
             metrics = await r.text()
     assert (route["cache"]["entries"], route["cache"]["hits"], route["cache"]["store"]) == (2, 1, "memory")
+    # two misses went upstream, one after the other: one keep-alive connection, idle now
+    assert status["connection_pools"]["svc"] == {"open": 1, "idle": 1, "waiting": 0, "max": 100}
     assert "sidecar_cache_entries 2.0" in metrics
 
 

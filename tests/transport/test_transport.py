@@ -126,6 +126,7 @@ async def test_max_connections_bounds_the_connections_opened(transport):
         await asyncio.sleep(0.01)
     gate.set()
     assert await asyncio.gather(*sends) == [(200, b"ok")] * 6
+    assert transport.stats() == {"up": {"open": 2, "idle": 2, "waiting": 0, "max": 2}}
     await server.stop()
     assert server.connections == 2 and server.most_open == 2 and len(server.heads) == 6
 
