@@ -283,18 +283,23 @@ class RouteCache:
     def _not_modified(self, ex: Exchange, key: str, stale: CacheEntry, reply: Reply,
                       fut: asyncio.Future | None) -> Reply:
         """RFC 9111 §4.3.3: the origin confirmed the stored copy. Freshen it, store it, serve it whole."""
-        reply.finish(True)                   # a good answer: the breaker counts it
-        now = self.clock.time()
-        entry = freshened(stale, tuple(reply.headers.items()), now=now, policy=ex.route.cache or self.policy,
-                          request_headers=ex.headers)
-        self.save(key, entry)
+        entry = self._freshen(ex, key, stale, reply)
         self._settle(key, fut, entry)
-        self.counts["not_modified"] += 1
+        now = self.clock.time()
         ex.decide(Decision.CACHE_REVALIDATE, f"{reply.upstream} confirmed the stored copy (304)",
                   upstream="cache")
         return self._reply(ex, entry, now, cache_status(fwd="stale", fwd_status=304, stored=True,
                                                         ttl=entry.remaining(now),
                                                         upstream_value=reply.headers.get("cache-status")))
+
+    def _freshen(self, ex: Exchange, key: str, stale: CacheEntry, reply: Reply) -> CacheEntry:
+        """A 304 to our validators: the stored copy with the 304's header fields, fresh from now, stored."""
+        reply.finish(True)                   # a good answer: the breaker counts it
+        entry = freshened(stale, tuple(reply.headers.items()), now=self.clock.time(),
+                          policy=ex.route.cache or self.policy, request_headers=ex.headers)
+        self.save(key, entry)
+        self.counts["not_modified"] += 1
+        return entry
 
     def _settle(self, key: str, fut: asyncio.Future | None, entry: CacheEntry | None) -> None:
         if fut is None:
@@ -397,12 +402,13 @@ class RouteCache:
         bg_call = make_call(bg, call.upstream)
         for name in CONDITIONALS:
             bg_call.headers.popall(name, None)
-        for name, value in validators(stale):
+        conditional = validators(stale)
+        for name, value in conditional:
             bg_call.headers[name] = value
         try:
             async with asyncio.timeout(bg.route.timeout + 1.0):
                 reply = await next(bg, bg_call)
-                if not await self._absorb(bg, key, reply, stale):
+                if not await self._absorb(bg, key, reply, stale if conditional else None):
                     self.counts["revalidate_failed"] += 1
         except (Degraded, UpstreamFailure, TimeoutError, OSError) as exc:
             self.counts["revalidate_failed"] += 1
@@ -412,14 +418,12 @@ class RouteCache:
             log.exception("background refresh on route %s failed", self.route)
 
     async def _absorb(self, bg: Exchange, key: str, reply: Reply, stale: CacheEntry | None = None) -> bool:
-        """Read a refreshed answer whole (up to max_body) and store it; False when it was not stored."""
-        policy = bg.route.cache or self.policy
-        if stale is not None and reply.status == 304 and validators(stale) and reply.upstream not in LOCAL_ANSWERS:
-            reply.finish(True)
-            self.save(key, freshened(stale, tuple(reply.headers.items()), now=self.clock.time(), policy=policy,
-                                     request_headers=bg.headers))
-            self.counts["not_modified"] += 1
+        """Read a refreshed answer whole (up to max_body) and store it; False when it was not stored.
+        `stale` is the copy whose validators the refresh carried: a 304 freshens it."""
+        if stale is not None and reply.status == 304 and reply.upstream not in LOCAL_ANSWERS:
+            self._freshen(bg, key, stale, reply)
             return True
+        policy = bg.route.cache or self.policy
         if reply.upstream in LOCAL_ANSWERS or not_storable(reply.status, reply.headers, policy) is not None:
             reply.release()
             return False

@@ -29,8 +29,8 @@ from sidecar.policy.model import CachePolicy
 
 CACHE_NAME = "sidecar"                     # our member name in Cache-Status (RFC 9211 §2)
 
-# The headers RFC 9110 §15.4.5 asks a 304 to repeat from the 200 it stands for.
 REVALIDATE_GRACE = 60.0                    # seconds an expired copy with a validator is kept to revalidate
+# The headers RFC 9110 §15.4.5 asks a 304 to repeat from the 200 it stands for.
 NOT_MODIFIED_HEADERS = ("cache-control", "content-location", "date", "etag", "expires", "vary")
 
 
@@ -59,7 +59,7 @@ class CacheEntry:
         one with a validator (ETag, Last-Modified) outlives it by at least REVALIDATE_GRACE (or its
         ttl, if longer) so that a request after expiry can revalidate it instead of fetching it whole."""
         extra = max(self.stale_if_error, self.stale_while_revalidate)
-        if self.status == 200 and (self.header("etag") or self.header("last-modified")):
+        if validators(self):
             extra = max(extra, self.ttl, REVALIDATE_GRACE)
         return self.ttl + extra
 

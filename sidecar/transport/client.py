@@ -15,6 +15,7 @@ body can be sent again; that is the transport's own, not a policy retry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from dataclasses import dataclass
 from typing import AsyncIterable
@@ -136,7 +137,7 @@ class Transport:
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = Pool(
-                key.max_connections, key.connect_timeout, _ssl_context(key),
+                key.max_connections, key.connect_timeout, functools.partial(_ssl_context, key),
                 resolver=GuardedResolver() if key.guarded else None, cache_dns=not key.guarded)
         return pool
 
@@ -181,11 +182,9 @@ class Transport:
                     if not (reused and again):
                         raise
                     again, fresh = False, True           # once, on a new connection
-        except BaseException as exc:
-            if resp is not None:             # a cancel landed as the head arrived
-                resp.release()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - translated in one place, re-raised from the cause
             raise translate(exc) from exc
         return resp
 

@@ -18,7 +18,7 @@ import collections
 import ipaddress
 import socket
 import ssl
-from typing import Protocol
+from typing import Callable, Protocol
 
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.resolver import DefaultResolver
@@ -47,11 +47,12 @@ def _literal(host: str) -> bool:
 class Pool:
     """The connections of one pool key."""
 
-    def __init__(self, limit: int, connect_timeout: float, tls: ssl.SSLContext,
+    def __init__(self, limit: int, connect_timeout: float, tls: Callable[[], ssl.SSLContext],
                  resolver: Resolver | None = None, cache_dns: bool = True) -> None:
         self.limit = limit
         self.connect_timeout = connect_timeout
-        self._tls = tls
+        self._make_tls = tls                     # called on the first https connection (loads the CAs)
+        self._tls: ssl.SSLContext | None = None
         self._resolver = resolver or DefaultResolver()
         self._cache_dns = cache_dns              # a guarded resolver checks every answer: no cache
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
@@ -191,7 +192,11 @@ class Pool:
 
     async def _connect(self, origin: Origin) -> ResponseHandler:
         scheme, host, port, server_name = origin
-        tls = self._tls if scheme == "https" else None
+        tls = None
+        if scheme == "https":
+            if self._tls is None:
+                self._tls = self._make_tls()
+            tls = self._tls
         loop = self._loop
         error: BaseException | None = None
         for address in await self._addresses(host, port):
