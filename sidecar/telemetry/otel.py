@@ -18,7 +18,7 @@ the policy's `sample_ratio`) decides only healthy requests, on the trace id like
 every replica and every hop agree.
 
 Collector outages are handled in `export.py`; the policy and `OTEL_*` environment are read in
-`otelconfig.py`.
+`otelconfig.py`; the exporters (`exporters.py`) write each batch's protobuf with `wire.py`.
 """
 from __future__ import annotations
 

@@ -123,10 +123,10 @@ def _resource(cfg: Telemetry, env: Mapping[str, str]) -> Resource:
 
 
 def _make_exporter(protocol: str, endpoint: str, env: Mapping[str, str]) -> SpanExporter:
+    """The SDK's OTLP exporter for `protocol`, encoding batches with `wire.py` (see `exporters.py`)."""
+    from sidecar.telemetry.exporters import HttpExporter, grpc_exporter
     if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
         return HttpExporter(endpoint=endpoint)
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
     scheme = urlsplit(endpoint).scheme
     insecure_env = (env.get("OTEL_EXPORTER_OTLP_TRACES_INSECURE") or env.get("OTEL_EXPORTER_OTLP_INSECURE")
                     or "").strip().lower()
@@ -136,4 +136,4 @@ def _make_exporter(protocol: str, endpoint: str, env: Mapping[str, str]) -> Span
         insecure = insecure_env == "true"
     else:
         insecure = scheme == "http"
-    return GrpcExporter(endpoint=endpoint, insecure=insecure)
+    return grpc_exporter(endpoint, insecure)
