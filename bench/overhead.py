@@ -33,16 +33,20 @@ class Plan:
     systems: tuple[str, ...]
     rss_entries: int = 10_000
     conns: int = 64
+    tracing_pairs: int = 0                      # back-to-back sidecar / sidecar+otlp pairs (see _tracing)
+    tracing_duration: float = 3
 
 
 QUICK = Plan(rounds=2, sat_duration=2, rate_duration=1.5, sat_bodies=("small",),
              rates=((1000, "small"),),
-             systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"), rss_entries=10_000)
+             systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"), rss_entries=10_000,
+             tracing_pairs=2, tracing_duration=1)
 FULL = Plan(rounds=3, sat_duration=4, rate_duration=4, sat_bodies=("small", "big", "cached"),
             rates=((100, "small"), (1000, "small"), (5000, "small"), (1000, "big"), (1000, "cached")),
-            systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"))
+            systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"), tracing_pairs=10)
 SMOKE = Plan(rounds=1, sat_duration=1, rate_duration=1, sat_bodies=("small",), rates=((200, "small"),),
-             systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar"), rss_entries=200, conns=8)
+             systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"), rss_entries=200,
+             conns=8, tracing_pairs=1, tracing_duration=1)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Overhead:
     cache_fill: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)  # system -> reason
     otlp_received: dict = field(default_factory=dict)
+    tracing: list = field(default_factory=list)  # [{"first": system, system: {rps, per_cpu_s, ...}, ...}]
 
 
 def cache_available() -> bool:
@@ -165,16 +170,7 @@ def _measure(bench: Bench, plan: Plan, systems: list[str], out: Overhead, log) -
             for name in order:
                 if not _applies(name, body, bench.cache):
                     continue
-                proc = bench.procs.get(name)
-                cpu0 = proc.cpu_seconds() if proc else 0.0
-                t0 = time.monotonic()
-                res = wrk(url(name, body), duration=plan.sat_duration, conns=plan.conns, cpu=bench.gen_cpu)
-                wall = time.monotonic() - t0
-                cpu_s = proc.cpu_seconds() - cpu0 if proc else None
-                res["cpu"] = cpu_s / wall if proc else None
-                # Requests per CPU-second of the SUT: robust to other load on the machine stealing its core.
-                res["per_cpu_s"] = res["requests"] / cpu_s if cpu_s else None
-                res.pop("raw", None)
+                res = _saturate(bench, name, url(name, body), plan.sat_duration, plan.conns)
                 out.sat.setdefault(body, {}).setdefault(name, []).append(res)
                 log(f"    sat {body:6} {name:13} {res['rps']:9.0f} req/s  cpu {_pct(res['cpu'])}"
                     f"  non2xx {res['non2xx']} err {res['errors']}")
@@ -188,6 +184,8 @@ def _measure(bench: Bench, plan: Plan, systems: list[str], out: Overhead, log) -
                 out.rate.setdefault(f"{rps}:{body}", {}).setdefault(name, []).append(s)
                 log(f"    {rps:5}/s {body:6} {name:13} p50 {s['p50']:.3f} p99 {s['p99']:.3f} "
                     f"p99.9 {s['p999']:.3f} ms  ok {s['ok']}/{s['sent']}  (gen lag p99 {s['lag_p99']:.3f})")
+    if plan.tracing_pairs and {"sidecar", "sidecar+otlp"} <= set(systems):
+        out.tracing = _tracing(bench, plan, url("sidecar", "small"), url("sidecar+otlp", "small"), log)
     for name in systems:
         proc = bench.procs.get(name)
         if proc is not None:
@@ -196,6 +194,42 @@ def _measure(bench: Bench, plan: Plan, systems: list[str], out: Overhead, log) -
         out.cache_fill = _fill_cache(bench, plan.rss_entries, log)
     if "otlp" in bench.procs:
         out.otlp_received = _json(http_get(f"http://127.0.0.1:{bench.procs['otlp'].port}/stats")[1])
+
+
+def _saturate(bench: Bench, name: str, target: str, duration: float, conns: int) -> dict:
+    proc = bench.procs.get(name)
+    cpu0 = proc.cpu_seconds() if proc else 0.0
+    t0 = time.monotonic()
+    res = wrk(target, duration=duration, conns=conns, cpu=bench.gen_cpu)
+    wall = time.monotonic() - t0
+    cpu_s = proc.cpu_seconds() - cpu0 if proc else None
+    res["cpu"] = cpu_s / wall if proc else None
+    # Requests per CPU-second of the SUT: robust to other load on the machine stealing its core.
+    res["per_cpu_s"] = res["requests"] / cpu_s if cpu_s else None
+    res.pop("raw", None)
+    return res
+
+
+def _tracing(bench: Bench, plan: Plan, plain: str, traced: str, log) -> list[dict]:
+    """Tracing's cost, in back-to-back pairs of saturation runs.
+
+    The cost is a few per cent, while this kind of machine drifts by ±10 % between runs a minute apart,
+    more than the rounds above can average out. So the two sidecars run right after each other, the
+    order flipped every pair, and the report quotes the median of the pairs' ratios.
+    """
+    pairs = []
+    for i in range(plan.tracing_pairs):
+        order = [("sidecar", plain), ("sidecar+otlp", traced)]
+        if i % 2:
+            order.reverse()
+        pair: dict = {"first": order[0][0]}
+        for name, target in order:
+            pair[name] = _saturate(bench, name, target, plan.tracing_duration, plan.conns)
+        a, b = pair["sidecar"], pair["sidecar+otlp"]
+        log(f"    tracing pair {i + 1}/{plan.tracing_pairs}: {a['rps']:7.0f} vs {b['rps']:7.0f} req/s "
+            f"(cost {1 - b['rps'] / a['rps']:+.1%})")
+        pairs.append(pair)
+    return pairs
 
 
 def _fill_cache(bench: Bench, entries: int, log) -> dict:

@@ -33,6 +33,36 @@ def rate_median(o: Overhead, key: str, system: str, q: str):
     return median([r.get(q) for r in o.rate.get(key, {}).get(system, [])])
 
 
+def tracing_cost(o: Overhead) -> tuple[float, float | None] | None:
+    """(throughput cost, per-CPU-second cost) of tracing at 5 %: the median over the back-to-back pairs
+    when they were run (see overhead._tracing), else from the rounds' medians."""
+    if o.tracing:
+        cost = median([1 - p["sidecar+otlp"]["rps"] / p["sidecar"]["rps"] for p in o.tracing])
+        eff = median([1 - p["sidecar+otlp"]["per_cpu_s"] / p["sidecar"]["per_cpu_s"] for p in o.tracing
+                      if p["sidecar"].get("per_cpu_s") and p["sidecar+otlp"].get("per_cpu_s")])
+        return cost, eff
+    sc, tr = sat_median(o, "small", "sidecar"), sat_median(o, "small", "sidecar+otlp")
+    if not (sc and tr):
+        return None
+    e_sc, e_tr = sat_median(o, "small", "sidecar", "per_cpu_s"), sat_median(o, "small", "sidecar+otlp", "per_cpu_s")
+    return 1 - tr / sc, (1 - e_tr / e_sc if e_sc and e_tr else None)
+
+
+def tracing_table(o: Overhead) -> str:
+    rows = []
+    for i, p in enumerate(o.tracing, 1):
+        a, b = p["sidecar"], p["sidecar+otlp"]
+        rows.append([str(i), LABELS.get(p["first"], p["first"]), _f(a["rps"], "{:,.0f}"), _f(b["rps"], "{:,.0f}"),
+                     f"{1 - b['rps'] / a['rps']:+.1%}",
+                     f"{1 - b['per_cpu_s'] / a['per_cpu_s']:+.1%}" if a.get("per_cpu_s") and b.get("per_cpu_s")
+                     else "-"])
+    cost, eff = tracing_cost(o)
+    rows.append(["median", "", "", "", f"{cost:+.1%}", _f(eff, "{:+.1%}")])
+    return (f"### Tracing cost, back-to-back pairs ({o.plan.tracing_duration:g} s saturation runs each)\n\n"
+            + table(["pair", "ran first", "sidecar req/s", "tracing 5% req/s", "throughput cost",
+                     "cost per CPU-second"], rows))
+
+
 def overhead_tables(o: Overhead) -> str:
     parts = []
     # Side by side: saturation and the 1,000/s latency of the small body.
@@ -91,6 +121,8 @@ def overhead_tables(o: Overhead) -> str:
     if rows:
         parts.append("### Latency at fixed rates (open loop, from the scheduled send time, ms)\n\n" + table(
             ["rate", "body", "system", "p50", "p99", "p99.9", "p50 x direct", "p99 x direct", "2xx"], rows))
+    if o.tracing:
+        parts.append(tracing_table(o))
     if o.cache_fill:
         c = o.cache_fill
         parts.append(f"Cache fill: {c['ok']:,} of {c['requested']:,} distinct URLs answered, "
@@ -122,12 +154,12 @@ def targets(o: Overhead | None, s: Outcomes | None) -> list[list[str]]:
             s50, s99 = rate_median(o, key, "sidecar", "p50"), rate_median(o, key, "sidecar", "p99")
             add("+p50 <= 0.5 ms at 1,000/s", f"{s50 - d50:+.3f} ms", s50 - d50 <= 0.5)
             add("+p99 <= 2 ms at 1,000/s", f"{s99 - d99:+.3f} ms", s99 - d99 <= 2.0)
-        tr = sat_median(o, "small", "sidecar+otlp")
-        if sc and tr:
-            cost = 1 - tr / sc
-            e_sc, e_tr = eff["sidecar"], sat_median(o, "small", "sidecar+otlp", "per_cpu_s")
-            extra = f" (per CPU-second {1 - e_tr / e_sc:.1%})" if e_sc and e_tr else ""
-            add("tracing at 5% costs <= 5% throughput", f"{cost:.1%}{extra}", cost <= 0.05)
+        traced = tracing_cost(o)
+        if traced is not None:
+            cost, per_cpu = traced
+            extra = f" (per CPU-second {per_cpu:.1%})" if per_cpu is not None else ""
+            how = f", median of {len(o.tracing)} back-to-back pairs" if o.tracing else ""
+            add("tracing at 5% costs <= 5% throughput", f"{cost:.1%}{extra}{how}", cost <= 0.05)
         peak = o.memory.get("sidecar", {}).get("peak_mib")
         if o.cache_fill:
             peak = max(peak or 0, o.cache_fill["peak_mib"])
@@ -249,7 +281,8 @@ def dump_json(o: Overhead | None, s: Outcomes | None, machine: dict, path: Path)
     if o is not None:
         doc["overhead"] = {"plan": dataclasses.asdict(o.plan), "systems": o.systems, "sat": o.sat,
                            "rate": o.rate, "memory": o.memory, "cache_fill": o.cache_fill,
-                           "skipped": o.skipped, "otlp_received": o.otlp_received}
+                           "skipped": o.skipped, "otlp_received": o.otlp_received,
+                           "tracing": o.tracing}
     if s is not None:
         doc["scenarios"] = {"plan": dataclasses.asdict(s.plan), "systems": s.systems, "runs": s.runs,
                             "skipped": s.skipped}
@@ -268,7 +301,7 @@ def load_json(path: Path) -> tuple[Overhead | None, Outcomes | None, dict]:
             if "plan" in d else overhead.FULL
         o = Overhead(plan, d.get("systems") or list(d["sat"].get("small", {})), sat=d["sat"], rate=d["rate"],
                      memory=d["memory"], cache_fill=d["cache_fill"], skipped=d["skipped"],
-                     otlp_received=d.get("otlp_received", {}))
+                     otlp_received=d.get("otlp_received", {}), tracing=d.get("tracing", []))
     if "scenarios" in doc:
         d = doc["scenarios"]
         plan = scenarios.Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["plan"].items()}) \

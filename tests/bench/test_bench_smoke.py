@@ -34,7 +34,7 @@ def test_smoke_run_produces_tables_and_json(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["machine"]["cpu"]
     sat, rate = doc["overhead"]["sat"]["small"], doc["overhead"]["rate"]["200:small"]
-    expected = ["direct", "sidecar", "aiohttp"] + [s for s in ("nginx", "haproxy") if shutil.which(s)
+    expected = ["direct", "sidecar", "sidecar+otlp", "aiohttp"] + [s for s in ("nginx", "haproxy") if shutil.which(s)
                                                    or Path(f"/usr/sbin/{s}").exists()]
     for system in expected:
         assert system in sat, f"no saturation row for {system}: {doc['overhead'].get('skipped')}"
@@ -42,6 +42,9 @@ def test_smoke_run_produces_tables_and_json(tmp_path: Path) -> None:
         assert system in rate
         row = rate[system][0]
         assert row["sent"] > 0 and row["ok"] == row["sent"] and row["p50"] is not None
+
+    (pair,) = doc["overhead"]["tracing"]
+    assert pair["sidecar"]["rps"] > 0 and pair["sidecar+otlp"]["rps"] > 0
 
     runs = doc["scenarios"]["runs"]
     for scenario in ("healthy", "flaky"):
@@ -51,6 +54,7 @@ def test_smoke_run_produces_tables_and_json(tmp_path: Path) -> None:
     assert runs["healthy"]["sidecar"][0]["success"] == 1.0
 
     overhead_md = (tmp_path / "overhead.md").read_text()
-    for label in ("direct call", "sidecar (full policy)", "bare aiohttp proxy"):
+    for label in ("direct call", "sidecar (full policy)", "bare aiohttp proxy", "sidecar, tracing 5% exported",
+                  "Tracing cost, back-to-back pairs"):
         assert label in overhead_md
     assert (tmp_path / "scenarios.md").exists() and (tmp_path / "targets.md").exists()
