@@ -475,7 +475,7 @@ def _background_exchange(ex: Exchange) -> Exchange:
         trace_id=parent.trace_id, span_id=new_span_id(), parent_span_id=parent.span_id,
         caller_sampled=parent.caller_sampled, tracestate=parent.tracestate, route=parent.route, upstream=None,
         method=method, url=parent.url, listener="cache-revalidate", policy_version=parent.policy_version,
-        start_ns=time.time_ns())
+        start_ns=time.time_ns(), sampled=parent.sampled)
     bg = Exchange(route=ex.route, state=ex.state, runtime=ex.runtime, method=method, url=ex.url,
                   headers=CIMultiDict(ex.headers), body=ex.body,
                   deadline=ex.runtime.clock.monotonic() + ex.route.timeout, record=record)

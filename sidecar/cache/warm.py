@@ -59,10 +59,12 @@ async def warm_once(gen, route, path: str) -> bool:
         log.debug("route %s: cache.warm needs an upstream to know the origin; skipped", route.name)
         return False
     url = URL(f"{upstream.origin}{path}", encoded=True)
+    trace_id = new_trace_id()
     record = RequestRecord(
-        trace_id=new_trace_id(), span_id=new_span_id(), parent_span_id=None, caller_sampled=False,
+        trace_id=trace_id, span_id=new_span_id(), parent_span_id=None, caller_sampled=False,
         tracestate=None, route=route.name, upstream=None, method="GET", url=str(url), listener="cache-warm",
-        policy_version=gen.policy.digest, start_ns=time.time_ns())
+        policy_version=gen.policy.digest, start_ns=time.time_ns(),
+        sampled=gen.head_sampler(trace_id, None, False))
     ex = Exchange(route=route, state=gen.states[route.name], runtime=gen, method="GET", url=url,
                   headers=CIMultiDict({"Cache-Control": "no-cache"}), body=RequestBody.EMPTY,
                   deadline=gen.clock.monotonic() + route.timeout, record=record)

@@ -62,10 +62,11 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
     name = f"{host}:{port}"
     upstream = gen.policy.upstreams.get(route.upstream) if route.upstream else None
     timeout = upstream.connect_timeout if upstream else CONNECT_TIMEOUT
-    record = RequestRecord(trace_id=new_trace_id(), span_id=new_span_id(), parent_span_id=None,
+    trace_id = new_trace_id()
+    record = RequestRecord(trace_id=trace_id, span_id=new_span_id(), parent_span_id=None,
                            caller_sampled=False, tracestate=None, route=route.name, upstream=name,
                            method="CONNECT", url=name, listener="proxy", policy_version=gen.policy.digest,
-                           start_ns=time.time_ns())
+                           start_ns=time.time_ns(), sampled=gen.head_sampler(trace_id, None, False))
     state = gen.states.get(route.name)
     breaker = state.breaker(name) if state is not None else None
     try_rec = TryRecord(span_id=new_span_id(), upstream=name, method="CONNECT", url=name,

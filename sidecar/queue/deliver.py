@@ -85,13 +85,14 @@ async def attempt(runtime, item: Item, request: Request, route: Route | None,
     try_rec = TryRecord(span_id=new_span_id(), upstream=item.target, method=item.method,
                         url=redact_url(url), server_address=url.host or "", server_port=url.port or 0,
                         start_ns=time.time_ns(), resend_count=resend_count)
+    trace_id = item.trace_id or new_trace_id()
     record = RequestRecord(
-        trace_id=item.trace_id or new_trace_id(), span_id=new_span_id(), parent_span_id=item.span_id,
+        trace_id=trace_id, span_id=new_span_id(), parent_span_id=item.span_id,
         caller_sampled=True, tracestate=None, route=item.route, upstream=item.target, method=item.method,
         url=try_rec.url, listener="queue", policy_version=gen.policy.digest, start_ns=try_rec.start_ns,
-        attempts=1, tries=[try_rec])
+        attempts=1, tries=[try_rec], sampled=gen.head_sampler(trace_id, item.span_id, True))
     headers = request.headers
-    headers["traceparent"] = format_traceparent(record.trace_id, try_rec.span_id, True)
+    headers["traceparent"] = format_traceparent(record.trace_id, try_rec.span_id, record.sampled)
     clock = runtime.clock
     started = clock.monotonic()
     # A write to its original destination keeps the egress guard it had when accepted (a name that

@@ -15,7 +15,9 @@ the data plane nothing.
 Sampling (SPEC "Traces"): a request with any decision is always exported, whatever the sampler or the
 caller's sampled flag. The configured sampler (OTEL_TRACES_SAMPLER, default parentbased_traceidratio at
 the policy's `sample_ratio`) decides only healthy requests, on the trace id like `TraceIdRatioBased`, so
-every replica and every hop agree.
+every replica and every hop agree. It decides once, when the request arrives (`samples`, the data
+plane's head sampler): the answer is the `sampled` flag sent upstream in `traceparent` and kept in the
+record, and the export follows it.
 
 Collector outages are handled in `export.py`; the policy and `OTEL_*` environment are read in
 `otelconfig.py`; the exporters (`exporters.py`) write each batch's protobuf with `wire.py`.
@@ -140,9 +142,9 @@ class OtelSink:
     # -- TelemetrySink ---------------------------------------------------------------------------
 
     def request_finished(self, record: RequestRecord) -> None:
-        # The only work for a healthy unsampled request: one list truth test and one sampler call.
-        if not record.decisions and not self.sample(record.trace_id, record.parent_span_id,
-                                                    record.caller_sampled):
+        # The only work for a healthy unsampled request: two truth tests. The head decision was made
+        # when it arrived (`samples`), so what is exported agrees with the flag sent upstream.
+        if not record.decisions and not record.sampled:
             return
         if not self._room():
             return
@@ -166,7 +168,8 @@ class OtelSink:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def samples(self, trace_id: str, parent_span_id: str | None, caller_sampled: bool) -> bool:
-        """The head decision for a healthy request: the `sampled` flag to propagate upstream."""
+        """The head decision for a healthy request: the `sampled` flag to propagate upstream, which
+        `request_finished` then follows (records carry it as `RequestRecord.sampled`)."""
         return self.sample(trace_id, parent_span_id, caller_sampled)
 
     def force_flush(self, timeout: float = 5.0) -> bool:

@@ -25,36 +25,27 @@ PROTOCOLS = ("grpc", "http/protobuf")
 
 # --- sampling ------------------------------------------------------------------------------------
 
-def _ratio_sampler(ratio: float) -> Callable[[str], bool]:
-    """TraceIdRatioBased on a hex id: the low 64 bits against `ratio * 2**64` (same bound as the SDK)."""
-    bound = round(max(0.0, min(1.0, ratio)) * (1 << 64))
-    if bound <= 0:
-        return lambda trace_id: False
-    if bound >= 1 << 64:
-        return lambda trace_id: True
-    return lambda trace_id: int(trace_id[16:], 16) < bound
-
-
 def make_sampler(name: str, ratio: float) -> Sampler:
     """A sampler from an OTEL_TRACES_SAMPLER name; `ratio` is its argument for the ratio samplers.
 
     parentbased_*: a caller's `traceparent` decides (sampled -> on, not sampled -> off, as the SDK's
-    ParentBased defaults do); without one, the named root sampler does.
+    ParentBased defaults do); without one, the named root sampler does. traceidratio is
+    TraceIdRatioBased on the hex id: the low 64 bits against `ratio * 2**64`, the SDK's bound. Each is
+    one flat function: the data plane calls it once per request.
     """
     base = name.removeprefix("parentbased_")
-    if base == "always_on":
-        def root(trace_id: str) -> bool:
-            return True
-    elif base == "always_off":
-        def root(trace_id: str) -> bool:
-            return False
-    elif base == "traceidratio":
-        root = _ratio_sampler(ratio)
-    else:
+    parent_based = name.startswith("parentbased_")
+    if base in ("always_on", "always_off"):
+        on = base == "always_on"
+        if parent_based:
+            return lambda trace_id, parent, sampled: sampled if parent is not None else on
+        return lambda trace_id, parent, sampled: on
+    if base != "traceidratio":
         raise ValueError(f"unknown sampler {name!r}")
-    if not name.startswith("parentbased_"):
-        return lambda trace_id, parent, sampled: root(trace_id)
-    return lambda trace_id, parent, sampled: sampled if parent is not None else root(trace_id)
+    bound = round(max(0.0, min(1.0, ratio)) * (1 << 64))     # 0 samples nothing, 2**64 everything
+    if parent_based:
+        return lambda trace_id, parent, sampled: sampled if parent is not None else int(trace_id[16:], 16) < bound
+    return lambda trace_id, parent, sampled: int(trace_id[16:], 16) < bound
 
 
 # --- the environment -----------------------------------------------------------------------------

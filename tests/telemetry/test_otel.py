@@ -93,6 +93,12 @@ def sinks():
         sink.shutdown(timeout=2)
 
 
+def finish(sink: OtelSink, record: RequestRecord) -> None:
+    """What the data plane does: the head decision when the request arrives, the record when it ends."""
+    record.sampled = sink.samples(record.trace_id, record.parent_span_id, record.caller_sampled)
+    sink.request_finished(record)
+
+
 def make(sinks, cfg: Telemetry, env: dict) -> OtelSink:
     sink = OtelSink.from_config(cfg, env)
     assert sink is not None
@@ -105,7 +111,7 @@ def make(sinks, cfg: Telemetry, env: dict) -> OtelSink:
 def test_degraded_request_becomes_request_span_try_spans_and_decision_events(otlp_http_receiver, sinks):
     sink = make(sinks, telemetry(), http_env(otlp_http_receiver))
     record = degraded(CALLER_TRACE, parent=CALLER_SPAN, sampled=True)
-    sink.request_finished(record)
+    finish(sink, record)
     assert sink.force_flush()
 
     spans = otlp_http_receiver.wait_for_spans(4, where=lambda s: s.trace_id == CALLER_TRACE)
@@ -155,7 +161,7 @@ def test_failed_request_span_has_error_status_and_type(otlp_grpc_receiver, sinks
     sink = make(sinks, telemetry(), grpc_env(otlp_grpc_receiver))
     record = degraded()
     record.status, record.error_type, record.upstream = 503, "retries-exhausted", None
-    sink.request_finished(record)
+    finish(sink, record)
     sink.force_flush()
     [req] = otlp_grpc_receiver.wait_for_spans(1, where=lambda s: s.span_id == record.span_id)
     assert req.status == "ERROR" and req.status_message == "retries-exhausted"
@@ -168,8 +174,8 @@ def test_new_trace_has_no_parent_and_keeps_tracestate(otlp_http_receiver, sinks)
     sink = make(sinks, telemetry(), http_env(otlp_http_receiver))
     record = degraded(parent=CALLER_SPAN, tracestate="vendor=abc,other=1")
     root = degraded()
-    sink.request_finished(record)
-    sink.request_finished(root)
+    finish(sink, record)
+    finish(sink, root)
     sink.force_flush()
     [req] = otlp_http_receiver.wait_for_spans(1, where=lambda s: s.span_id == record.span_id)
     assert req.trace_state == "vendor=abc,other=1"
@@ -180,7 +186,7 @@ def test_new_trace_has_no_parent_and_keeps_tracestate(otlp_http_receiver, sinks)
 def test_malformed_tracestate_is_dropped_quietly(otlp_http_receiver, sinks, caplog):
     sink = make(sinks, telemetry(), http_env(otlp_http_receiver))
     record = degraded(parent=CALLER_SPAN, tracestate="not a valid=member=at all")
-    sink.request_finished(record)
+    finish(sink, record)
     sink.force_flush()
     [req] = otlp_http_receiver.wait_for_spans(1, where=lambda s: s.span_id == record.span_id)
     assert req.trace_state == "" and req.parent_span_id == CALLER_SPAN
@@ -230,8 +236,8 @@ def test_late_queue_decision_joins_the_request_trace(otlp_http_receiver, sinks):
 def test_ratio_zero_drops_healthy_but_exports_degraded(otlp_http_receiver, sinks):
     sink = make(sinks, telemetry(ratio=0.0), http_env(otlp_http_receiver))
     calm, bad = healthy(), degraded()
-    sink.request_finished(calm)
-    sink.request_finished(bad)
+    finish(sink, calm)
+    finish(sink, bad)
     sink.force_flush()
     otlp_http_receiver.wait_for_spans(4, where=lambda s: s.trace_id == bad.trace_id)
     assert otlp_http_receiver.trace(calm.trace_id) == []
@@ -241,8 +247,8 @@ def test_caller_not_sampled_does_not_stop_a_degraded_export(otlp_http_receiver, 
     sink = make(sinks, telemetry(ratio=1.0), http_env(otlp_http_receiver))
     calm = healthy(parent=CALLER_SPAN, sampled=False)          # parent-based: the caller said no
     bad = degraded(parent=CALLER_SPAN, sampled=False)
-    sink.request_finished(calm)
-    sink.request_finished(bad)
+    finish(sink, calm)
+    finish(sink, bad)
     sink.force_flush()
     otlp_http_receiver.wait_for_spans(4, where=lambda s: s.trace_id == bad.trace_id)
     assert otlp_http_receiver.trace(calm.trace_id) == []
@@ -251,7 +257,7 @@ def test_caller_not_sampled_does_not_stop_a_degraded_export(otlp_http_receiver, 
 def test_caller_sampled_exports_a_healthy_request_at_ratio_zero(otlp_http_receiver, sinks):
     sink = make(sinks, telemetry(ratio=0.0), http_env(otlp_http_receiver))
     calm = healthy(parent=CALLER_SPAN, sampled=True)
-    sink.request_finished(calm)
+    finish(sink, calm)
     sink.force_flush()
     spans = otlp_http_receiver.wait_for_spans(2, where=lambda s: s.trace_id == calm.trace_id)
     assert {s.kind for s in spans} == {"INTERNAL", "CLIENT"}
@@ -262,8 +268,8 @@ def test_caller_sampled_exports_a_healthy_request_at_ratio_zero(otlp_http_receiv
 def test_always_off_sampler_from_env_still_exports_degraded(otlp_http_receiver, sinks):
     sink = make(sinks, telemetry(ratio=1.0), http_env(otlp_http_receiver, OTEL_TRACES_SAMPLER="always_off"))
     calm, bad = healthy(parent=CALLER_SPAN, sampled=True), degraded()
-    sink.request_finished(calm)
-    sink.request_finished(bad)
+    finish(sink, calm)
+    finish(sink, bad)
     sink.force_flush()
     otlp_http_receiver.wait_for_spans(1, where=lambda s: s.trace_id == bad.trace_id)
     assert otlp_http_receiver.trace(calm.trace_id) == []
@@ -273,9 +279,21 @@ def test_sampler_arg_from_env_overrides_policy_ratio(otlp_http_receiver, sinks):
     sink = make(sinks, telemetry(ratio=0.0),
                 http_env(otlp_http_receiver, OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG="1"))
     calm = healthy(parent=CALLER_SPAN, sampled=False)           # not parent-based: the ratio decides
-    sink.request_finished(calm)
+    finish(sink, calm)
     sink.force_flush()
     otlp_http_receiver.wait_for_spans(2, where=lambda s: s.trace_id == calm.trace_id)
+
+
+def test_the_export_follows_the_head_decision_the_record_carries(otlp_http_receiver, sinks):
+    """The flag sent upstream in traceparent and the export agree: the sink does not decide again."""
+    sink = make(sinks, telemetry(ratio=1.0), http_env(otlp_http_receiver))
+    told_no, told_yes = healthy(), healthy()
+    told_no.sampled, told_yes.sampled = False, True
+    sink.request_finished(told_no)
+    sink.request_finished(told_yes)
+    sink.force_flush()
+    otlp_http_receiver.wait_for_spans(2, where=lambda s: s.trace_id == told_yes.trace_id)
+    assert otlp_http_receiver.trace(told_no.trace_id) == []
 
 
 def test_ratio_sampler_agrees_with_the_sdk_on_the_trace_id():
@@ -328,7 +346,7 @@ def test_env_protocol_http_wins_over_policy_grpc(otlp_http_receiver, otlp_grpc_r
     cfg = telemetry(otlp_grpc_receiver.endpoint, protocol="grpc")
     sink = make(sinks, cfg, http_env(otlp_http_receiver))
     bad = degraded()
-    sink.request_finished(bad)
+    finish(sink, bad)
     sink.force_flush()
     otlp_http_receiver.wait_for_spans(4)
     assert otlp_http_receiver.paths[0] == "/v1/traces"             # appended to the base endpoint
@@ -435,7 +453,7 @@ def test_hung_collector_costs_the_data_plane_nothing(otlp_grpc_receiver, sinks):
     flusher.start()                        # the export now waits on the collector
     records = [degraded() for _ in range(500)]
     for record in records:
-        sink.request_finished(record)
+        finish(sink, record)
     # every call returned while the export was still stuck on the collector: none waited for it
     assert flusher.is_alive()
     otlp_grpc_receiver.resume()
@@ -534,7 +552,7 @@ def test_healthy_unsampled_request_is_cheap(otlp_grpc_receiver, sinks):
         raise AssertionError("spans were built for a healthy unsampled request")
     sink.spans_for = must_not_build        # the cheap path never builds a span
     for _ in range(1000):
-        sink.request_finished(record)
+        finish(sink, record)
     sink.force_flush()
     assert otlp_grpc_receiver.spans == []
 
@@ -544,7 +562,7 @@ def test_credential_like_query_values_are_scrubbed_from_span_urls(otlp_http_rece
     record = healthy()
     record.url = "https://api.example.com/v1/search?q=shoes&api_key=sk-live-123456&access_token=abcdef"
     record.tries[0].url = record.url
-    sink.request_finished(record)
+    finish(sink, record)
     assert sink.force_flush()
     spans = otlp_http_receiver.wait_for_spans(2, where=lambda s: s.trace_id == record.trace_id)
     expected = "https://api.example.com/v1/search?q=shoes&api_key=<redacted>&access_token=<redacted>"
