@@ -37,7 +37,7 @@ class Plan:
     tracing_duration: float = 3
 
 
-QUICK = Plan(rounds=2, sat_duration=2, rate_duration=1.5, sat_bodies=("small",),
+QUICK = Plan(rounds=2, sat_duration=2, rate_duration=1.0, sat_bodies=("small",),
              rates=((1000, "small"),),
              systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"), rss_entries=10_000,
              tracing_pairs=2, tracing_duration=1)
