@@ -4,7 +4,7 @@
 """
 import pytest
 
-from harness import Upstream, ports, start_sidecar
+from harness import Upstream, ports, start_sidecar, stopped_after
 
 # Real OTLP receivers on loopback (HTTP and gRPC), for any test that asserts on exported traces.
 from telemetry.receivers import otlp_grpc_receiver, otlp_http_receiver  # noqa: F401,E402 - fixtures
@@ -12,28 +12,14 @@ from telemetry.receivers import otlp_grpc_receiver, otlp_http_receiver  # noqa: 
 
 @pytest.fixture
 async def upstream_factory():
-    started: list[Upstream] = []
-
-    async def make(handler, **kwargs) -> Upstream:
-        up = await Upstream(handler, **kwargs).start()
-        started.append(up)
-        return up
-    yield make
-    for up in started:
-        await up.stop()
+    async with stopped_after(lambda handler, **kwargs: Upstream(handler, **kwargs).start()) as make:
+        yield make
 
 
 @pytest.fixture
 async def sidecar_factory(tmp_path):
-    started = []
-
-    async def make(text: str, **kwargs):
-        sc = await start_sidecar(tmp_path, text, **kwargs)
-        started.append(sc)
-        return sc
-    yield make
-    for sc in started:
-        await sc.stop()
+    async with stopped_after(lambda text, **kwargs: start_sidecar(tmp_path, text, **kwargs)) as make:
+        yield make
 
 
 @pytest.fixture

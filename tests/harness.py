@@ -1,9 +1,12 @@
 """Real servers on loopback for end-to-end tests: upstreams you script, and a sidecar in front."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -25,6 +28,23 @@ def free_port() -> int:
         if port not in _handed_out:
             _handed_out.add(port)
             return port
+
+
+@contextlib.asynccontextmanager
+async def stopped_after(start: Callable[..., Awaitable[Any]]) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """A factory fixture's body: `make(...)` awaits `start(...)` and keeps what it returns; each of those
+    is stopped (`await thing.stop()`) when the block ends, in the order they were made."""
+    made: list[Any] = []
+
+    async def make(*args, **kwargs):
+        thing = await start(*args, **kwargs)
+        made.append(thing)
+        return thing
+    try:
+        yield make
+    finally:
+        for thing in made:
+            await thing.stop()
 
 
 class Upstream:

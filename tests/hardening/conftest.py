@@ -1,5 +1,7 @@
 import pytest
 
+from harness import stopped_after
+
 from .kit import EchoUpstream, Ports, RawUpstream, policy_text, start_sidecar
 
 
@@ -17,28 +19,14 @@ async def upstream():
 
 @pytest.fixture
 async def raw_upstream_factory():
-    started: list[RawUpstream] = []
-
-    async def make(script) -> RawUpstream:
-        up = await RawUpstream(script).start()
-        started.append(up)
-        return up
-    yield make
-    for up in started:
-        await up.stop()
+    async with stopped_after(lambda script: RawUpstream(script).start()) as make:
+        yield make
 
 
 @pytest.fixture
 async def sidecar_factory(tmp_path):
-    started = []
-
-    async def make(text: str):
-        sc = await start_sidecar(tmp_path, text)
-        started.append(sc)
-        return sc
-    yield make
-    for sc in started:
-        await sc.stop()
+    async with stopped_after(lambda text: start_sidecar(tmp_path, text)) as make:
+        yield make
 
 
 @pytest.fixture
