@@ -33,14 +33,19 @@ def rate_median(o: Overhead, key: str, system: str, q: str):
     return median([r.get(q) for r in o.rate.get(key, {}).get(system, [])])
 
 
+def _pair_cost(pair: dict) -> tuple[float, float | None]:
+    """(throughput cost, per-CPU-second cost) of tracing in one back-to-back pair."""
+    a, b = pair["sidecar"], pair["sidecar+otlp"]
+    per_cpu = 1 - b["per_cpu_s"] / a["per_cpu_s"] if a.get("per_cpu_s") and b.get("per_cpu_s") else None
+    return 1 - b["rps"] / a["rps"], per_cpu
+
+
 def tracing_cost(o: Overhead) -> tuple[float, float | None] | None:
     """(throughput cost, per-CPU-second cost) of tracing at 5 %: the median over the back-to-back pairs
     when they were run (see overhead._tracing), else from the rounds' medians."""
     if o.tracing:
-        cost = median([1 - p["sidecar+otlp"]["rps"] / p["sidecar"]["rps"] for p in o.tracing])
-        eff = median([1 - p["sidecar+otlp"]["per_cpu_s"] / p["sidecar"]["per_cpu_s"] for p in o.tracing
-                      if p["sidecar"].get("per_cpu_s") and p["sidecar+otlp"].get("per_cpu_s")])
-        return cost, eff
+        costs = [_pair_cost(p) for p in o.tracing]
+        return median([c for c, _ in costs]), median([e for _, e in costs if e is not None])
     sc, tr = sat_median(o, "small", "sidecar"), sat_median(o, "small", "sidecar+otlp")
     if not (sc and tr):
         return None
@@ -51,11 +56,9 @@ def tracing_cost(o: Overhead) -> tuple[float, float | None] | None:
 def tracing_table(o: Overhead) -> str:
     rows = []
     for i, p in enumerate(o.tracing, 1):
-        a, b = p["sidecar"], p["sidecar+otlp"]
-        rows.append([str(i), LABELS.get(p["first"], p["first"]), _f(a["rps"], "{:,.0f}"), _f(b["rps"], "{:,.0f}"),
-                     f"{1 - b['rps'] / a['rps']:+.1%}",
-                     f"{1 - b['per_cpu_s'] / a['per_cpu_s']:+.1%}" if a.get("per_cpu_s") and b.get("per_cpu_s")
-                     else "-"])
+        cost, per_cpu = _pair_cost(p)
+        rows.append([str(i), LABELS.get(p["first"], p["first"]), _f(p["sidecar"]["rps"], "{:,.0f}"),
+                     _f(p["sidecar+otlp"]["rps"], "{:,.0f}"), f"{cost:+.1%}", _f(per_cpu, "{:+.1%}")])
     cost, eff = tracing_cost(o)
     rows.append(["median", "", "", "", f"{cost:+.1%}", _f(eff, "{:+.1%}")])
     return (f"### Tracing cost, back-to-back pairs ({o.plan.tracing_duration:g} s saturation runs each)\n\n"

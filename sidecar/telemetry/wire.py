@@ -1,4 +1,4 @@
-"""OTLP trace requests written straight to protobuf bytes, for the exporters in `otelconfig.py`.
+"""OTLP trace requests written straight to protobuf bytes, for the exporters in `exporters.py`.
 
 The OTLP exporters encode a batch by building a protobuf object for every span, attribute and value
 (`encode_spans`): about 25 µs per span, most of what a sampled request costs the sidecar. Our spans have a
@@ -103,9 +103,8 @@ _cached_pair = lru_cache(maxsize=4096, typed=True)(_pair)
 
 # --- spans ---------------------------------------------------------------------------------------
 
-def _flags(parent: SpanContext | None) -> bytes:
-    return b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote
-                                  else _HAS_IS_REMOTE)
+def _flag_bits(ctx: SpanContext | None) -> int:
+    return _HAS_IS_REMOTE | _IS_REMOTE if ctx is not None and ctx.is_remote else _HAS_IS_REMOTE
 
 
 def _event(event) -> bytes:
@@ -148,7 +147,7 @@ def encode_span(span: ReadableSpan) -> bytes:
     if status is not None:
         code = status.status_code.value
         parts.append(_field(0x7A, _string(0x12, status.description) + (b"\x18" + _varint(code) if code else b"")))
-    parts.append(_flags(parent))
+    parts.append(b"\x85\x01" + _FIXED32(_flag_bits(parent)))
     return b"".join(parts)
 
 
@@ -158,7 +157,7 @@ def _link(link) -> bytes:
            + _attributes(0x22, link.attributes))
     if link.dropped_attributes:
         out += b"\x28" + _varint(link.dropped_attributes)
-    return out + b"\x35" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE if ctx.is_remote else _HAS_IS_REMOTE)
+    return out + b"\x35" + _FIXED32(_flag_bits(ctx))
 
 
 # --- the request ---------------------------------------------------------------------------------
@@ -183,14 +182,8 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     first-seen order (as the SDK's `encode_spans` groups them)."""
     grouped: dict[Resource, dict[InstrumentationScope | None, list[bytes]]] = {}
     for span in spans:
-        by_scope = grouped.get(span.resource)
-        if by_scope is None:
-            by_scope = grouped[span.resource] = {}
-        scope = span.instrumentation_scope or None
-        encoded = by_scope.get(scope)
-        if encoded is None:
-            encoded = by_scope[scope] = []
-        encoded.append(_field(0x12, encode_span(span)))
+        by_scope = grouped.setdefault(span.resource, {})
+        by_scope.setdefault(span.instrumentation_scope or None, []).append(_field(0x12, encode_span(span)))
     out = []
     for resource, by_scope in grouped.items():
         body = [_resource(resource)]
