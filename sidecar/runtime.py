@@ -25,6 +25,7 @@ from sidecar.policy.load import load_policy
 from sidecar.policy.match import Router
 from sidecar.policy.model import Listener, Policy
 from sidecar.proxy.guard import GuardedServer
+from sidecar.proxy.relay import Relays
 from sidecar.proxy.server import ListenerHandler, replay_limit
 from sidecar.telemetry.records import FanoutSink
 from sidecar.telemetry.redact import install_log_redaction
@@ -38,7 +39,7 @@ SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
 
 class Generation:
     __slots__ = ("policy", "router", "states", "handlers", "replay_limits", "transport", "sink", "clock",
-                 "rng", "sleep", "health", "queue", "own_ports", "head_sampler")
+                 "rng", "sleep", "health", "queue", "own_ports", "head_sampler", "relays")
 
     def __init__(self, policy: Policy, runtime: "Runtime") -> None:
         self.policy = policy
@@ -59,6 +60,7 @@ class Generation:
         self.queue = runtime.queue
         self.own_ports = {lst.port for lst in policy.listeners} | {policy.admin.port, policy.health.port}
         self.head_sampler = runtime.head_sampler
+        self.relays = runtime.relays
 
     def policy_upstream(self, name: str):
         return self.policy.upstreams[name]
@@ -74,6 +76,7 @@ class Runtime:
         self.registry = StateRegistry(clock)
         self.health: dict[str, HealthState] = {}
         self.queue = queue                   # sidecar.queue.DurableQueue, when a route has `queue:`
+        self.relays = Relays()               # tunnels, upgrades, passthrough: SIGTERM reaches them here
         self.sink = FanoutSink(list(sinks or []))
         # The `sampled` flag sent upstream: the trace exporter's head decision, or "not sampled".
         samplers = [s.samples for s in self.sink.sinks if hasattr(s, "samples")]
@@ -300,6 +303,7 @@ class Runtime:
         self.draining = True
         for _, _, srv in self._servers.values():
             srv.close()
+        self.relays.drain()
         await asyncio.gather(*(server.shutdown(timeout) for _, server, _ in self._servers.values()),
                              return_exceptions=True)
 

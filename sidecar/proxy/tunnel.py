@@ -2,7 +2,8 @@
 
 The tunnel's bytes are opaque (usually TLS), so only the connection is governed: the connect timeout,
 the route's breaker on connect failures, and a trace of the attempt. The app's connection is taken over
-from aiohttp's HTTP protocol once `200 Connection established` is sent.
+from aiohttp's HTTP protocol once `200 Connection established` is sent, and joined to the upstream's by
+the relay (relay.py) until both sides closed.
 """
 from __future__ import annotations
 
@@ -10,36 +11,17 @@ import asyncio
 import time
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from sidecar.core.decisions import Decision
 from sidecar.pipeline.exchange import record_decision
+from sidecar.proxy.relay import Relay
+from sidecar.proxy.takeover import app_released, app_tail, app_transport
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
 from sidecar.transport.egress import EgressRefused, refused_target, resolve_checked
 
 CONNECT_TIMEOUT = 5.0
-
-
-class _AppSide(asyncio.Protocol):
-    """Receives the app's bytes after the takeover and writes them to the upstream."""
-
-    def __init__(self, writer: asyncio.StreamWriter, closed: asyncio.Future) -> None:
-        self.writer = writer
-        self.closed = closed
-
-    def data_received(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    def eof_received(self) -> bool:
-        if self.writer.can_write_eof():
-            self.writer.write_eof()
-        return True
-
-    def connection_lost(self, exc) -> None:
-        self.writer.close()
-        if not self.closed.done():
-            self.closed.set_result(None)
+RELAY_IDLE_TIMEOUT = 3600.0              # a tunnel with no byte either way for an hour is closed
 
 
 def _error(status: int, text: str) -> web.Response:
@@ -80,8 +62,9 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
             _finish(gen, record)
             return _error(503, f"circuit breaker for {name} is open")
     started = gen.clock.monotonic()
+    relay = Relay(idle_timeout=RELAY_IDLE_TIMEOUT)
     try:
-        reader, writer = await asyncio.wait_for(_open(host, port, own_ports), timeout)
+        await asyncio.wait_for(_open(host, port, own_ports, relay.upstream_protocol), timeout)
     except EgressRefused as exc:             # a name that resolves to metadata or to the sidecar
         if breaker is not None:
             breaker.release()
@@ -89,6 +72,7 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
         _finish(gen, record)
         return _error(403, exc.strerror or str(exc))
     except (OSError, asyncio.TimeoutError) as exc:
+        relay.close()
         try_rec.error_type = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect-failure"
         try_rec.end_ns = time.time_ns()
         if breaker is not None:
@@ -103,39 +87,30 @@ async def tunnel(gen, request: web.BaseRequest) -> web.StreamResponse:
         breaker.record(True, gen.clock.monotonic() - started)
     try_rec.status = 200
     record.status = 200
-    transport = request.transport
-    closed = asyncio.get_running_loop().create_future()
-    transport.set_protocol(_AppSide(writer, closed))
-    transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
     try:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            if transport.is_closing():
-                break
-            transport.write(data)
-        if transport.can_write_eof() and not transport.is_closing():
-            transport.write_eof()
-        await closed
+        transport = app_transport(request)
+        transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        relay.attach_app(transport, app_tail(request))
+        await gen.relays.run(relay)
     finally:
-        writer.close()
-        transport.close()
+        relay.close()
         try_rec.end_ns = time.time_ns()
+        record.relayed, record.bytes_up, record.bytes_down = "tunnel", relay.bytes_up, relay.bytes_down
         _finish(gen, record)
-    # aiohttp's protocol no longer owns the socket: tell it the connection is gone so it cleans up.
-    request.protocol.connection_lost(None)
-    return web.Response(headers=CIMultiDict())
+    return app_released(request)
 
 
-async def _open(host: str, port: int, own_ports: frozenset[int] | None):
+async def _open(host: str, port: int, own_ports: frozenset[int] | None, protocol) -> None:
     """Connect; unless the route allows internal targets, only to addresses the egress guard passed."""
+    loop = asyncio.get_running_loop()
     if own_ports is None:
-        return await asyncio.open_connection(host, port)
+        await loop.create_connection(protocol, host, port)
+        return
     error: OSError | None = None
     for addr in await resolve_checked(host, port, own_ports):
         try:
-            return await asyncio.open_connection(addr, port)
+            await loop.create_connection(protocol, addr, port)
+            return
         except OSError as exc:
             error = exc
     raise error or OSError(f"{host}: no address")

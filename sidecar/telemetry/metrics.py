@@ -8,6 +8,8 @@ Series (SPEC "Admin API", plus the try-level ones an Envoy user looks for):
     sidecar_upstream_requests_total{route,upstream,code}    one per try; code: status or failure name
     sidecar_upstream_request_duration_seconds{route,upstream}
     sidecar_config_reloads_total{result}                    success | failure
+    sidecar_relayed_connections_total{route,kind}           tunnel | upgrade | tls | tcp, once closed
+    sidecar_relayed_bytes_total{route,kind,direction}       direction: up (app->upstream) | down
     sidecar_breaker_state{route,upstream}                   0 closed, 1 half-open, 2 open   } filled at
     sidecar_retry_budget_remaining{route}                                                   } scrape time
     sidecar_cache_entries, sidecar_queue_depth, sidecar_queue_oldest_age_seconds            } from the
@@ -103,6 +105,11 @@ class Metrics:
                 if hist is None:
                     hist = hot.durations[route] = _Histogram()
                 hist.observe((record.end_ns - record.start_ns) / 1e9)
+        if record.relayed is not None:
+            rkey = (route, record.relayed)
+            hot.relayed[rkey] = hot.relayed.get(rkey, 0) + 1
+            up, down = hot.relayed_bytes.get(rkey, (0, 0))
+            hot.relayed_bytes[rkey] = (up + record.bytes_up, down + record.bytes_down)
         for t in record.tries:
             code = t.status if t.status is not None else (t.error_type or "cancelled")
             upstream = self._upstream(t.upstream)
@@ -164,6 +171,8 @@ class _HotPath:
         self.durations: dict[str, _Histogram] = {}
         self.tries: dict[tuple[str, str, object], int] = {}
         self.try_durations: dict[tuple[str, str], _Histogram] = {}
+        self.relayed: dict[tuple[str, str], int] = {}
+        self.relayed_bytes: dict[tuple[str, str], tuple[int, int]] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -188,7 +197,18 @@ class _HotPath:
                                              "Duration of one try to an upstream.", labels=["route", "upstream"])
         for (route, upstream), hist in list(self.try_durations.items()):
             try_duration.add_metric([route, upstream], hist.buckets(), hist.total)
-        return [requests, duration, tries, try_duration]
+        relayed = CounterMetricFamily(
+            "sidecar_relayed_connections", "Relayed connections (CONNECT tunnels, upgrades, transparent "
+            "TLS and TCP) once closed, by route and kind.", labels=["route", "kind"])
+        relayed_bytes = CounterMetricFamily(
+            "sidecar_relayed_bytes", "Bytes relayed on closed connections, by route, kind and direction "
+            "(up: app to upstream).", labels=["route", "kind", "direction"])
+        for (route, kind), n in list(self.relayed.items()):
+            relayed.add_metric([route, kind], n)
+        for (route, kind), (up, down) in list(self.relayed_bytes.items()):
+            relayed_bytes.add_metric([route, kind, "up"], up)
+            relayed_bytes.add_metric([route, kind, "down"], down)
+        return [requests, duration, tries, try_duration, relayed, relayed_bytes]
 
 
 class _LiveState:

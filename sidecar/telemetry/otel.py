@@ -217,6 +217,10 @@ class OtelSink:
             attrs["http.response.status_code"] = r.status
         if r.upstream is not None:
             attrs["sidecar.upstream"] = r.upstream
+        if r.relayed is not None:            # one span per relayed connection, with its bytes each way
+            attrs["sidecar.relayed"] = r.relayed
+            attrs["sidecar.bytes_sent"] = r.bytes_up
+            attrs["sidecar.bytes_received"] = r.bytes_down
         status = _OK
         error_type = r.error_type or (str(r.status) if r.status >= 500 else None)
         if error_type is not None:

@@ -53,6 +53,10 @@ class RequestRecord:
     decisions: list[DecisionRecord] = field(default_factory=list)
     decision_ns: list[int] = field(default_factory=list)   # time of each decision, same order
     sampled: bool = False                  # the head sampling decision, propagated in traceparent
+    # A relayed connection (CONNECT tunnel, upgrade, transparent TLS/TCP): what kind, and its bytes.
+    relayed: str | None = None             # tunnel | upgrade | tls | tcp
+    bytes_up: int = 0                      # app -> upstream
+    bytes_down: int = 0                    # upstream -> app
 
 
 class TelemetrySink(Protocol):
