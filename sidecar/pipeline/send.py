@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
+from sidecar.llm.usage import AnswerScanner, LlmCall, request_shape, scan_body
 from sidecar.pipeline.exchange import Call, Exchange, Reply
 from sidecar.proxy.headers import end_to_end
 from sidecar.telemetry.records import TryRecord
@@ -39,6 +40,7 @@ async def send(ex: Exchange, call: Call) -> Reply:
     call.headers["traceparent"] = format_traceparent(ex.record.trace_id, rec.span_id, ex.record.sampled)
     if ex.record.tracestate:
         call.headers["tracestate"] = ex.record.tracestate
+    rec.llm = _llm_shape(ex, call)         # a non-LLM path costs one str.endswith()
     payload = call.body.payload()
     try:
         resp = await ex.runtime.transport.send(
@@ -62,6 +64,13 @@ async def send(ex: Exchange, call: Call) -> Reply:
         body, stream = None, _relay(resp)
     if stream is None:
         resp.release()
+    llm = rec.llm
+    if llm is not None and resp.status < 300 and (body or stream is not None):
+        if body:
+            scan_body(llm, body)
+        elif stream is not None:
+            sse = "text/event-stream" in resp.headers.get("content-type", "")
+            stream = _scanned(stream, AnswerScanner(llm, sse=sse))
     reply = Reply(status=resp.status, headers=end_to_end(resp.headers), upstream=call.name, body=body,
                   stream=stream, release_cb=None if stream is None else resp.release)
 
@@ -71,6 +80,31 @@ async def send(ex: Exchange, call: Call) -> Reply:
             rec.error_type = "reset"
     reply.on_done.append(_ended)
     return reply
+
+
+def _llm_shape(ex: Exchange, call: Call) -> LlmCall | None:
+    if call.method != "POST":              # every LLM API call is a POST
+        return None
+    llm = request_shape(call.url.path, call.body.data)
+    if llm is None:
+        return None
+    record = ex.record
+    if record.llm_model is None:           # the app's model, before any json_map or translation
+        app = request_shape(ex.url.path, ex.body.data) if call.body is not ex.body else llm
+        record.llm_model = app.request_model if app is not None else None
+    llm.prices = ex.runtime.policy.llm
+    return llm
+
+
+async def _scanned(stream: AsyncIterator[bytes], scanner: AnswerScanner) -> AsyncIterator[bytes]:
+    """The stream unchanged; each chunk is read by the scanner after it has been handed on."""
+    try:
+        async for chunk in stream:
+            at = time.time_ns()
+            yield chunk
+            scanner.feed(chunk, at)
+    finally:
+        scanner.close()
 
 
 async def _relay(resp: Response) -> AsyncIterator[bytes]:

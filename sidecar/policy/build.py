@@ -23,7 +23,7 @@ from sidecar.policy.merge import deep_merge
 from sidecar.policy.model import (
     BackoffPolicy, BreakerPolicy, BudgetPolicy, CachePolicy, ConcurrencyPolicy, Conditions, Endpoint,
     FallbackPolicy, FallbackTarget, FaultAbort, FaultDelay, FaultPolicy, HeaderMatch, HealthCheck,
-    HedgePolicy, JsonCondition, JsonMap, Listener, Match, Policy, QueuePolicy, RateLimitPolicy,
+    HedgePolicy, JsonCondition, JsonMap, Listener, LlmPolicy, Match, Policy, QueuePolicy, RateLimitPolicy,
     RetryPolicy, Rewrite, Route, SlowCall, StaticResponse, Telemetry, TlsConfig, TracesConfig, Upstream,
     WarmPath,
 )
@@ -106,7 +106,12 @@ class _Builder(Checker):
             upstreams=upstreams, defaults=defaults, routes=routes,
             state_dir=os.path.join(self.base_dir, d.get("state_dir", DEFAULT_STATE_DIR)),
             source=self.file, digest=digest,
-            redacted={}, secrets=secrets)
+            redacted={}, secrets=secrets, llm=self.llm(d.get("llm") or {}))
+
+    def llm(self, d: dict) -> LlmPolicy:
+        prices = d.get("prices") or {}
+        return LlmPolicy(prices=tuple((str(model), float(p.get("input_per_million", 0)),
+                                       float(p.get("output_per_million", 0))) for model, p in prices.items()))
 
     def endpoint(self, d: dict | None, default: Endpoint) -> Endpoint:
         d = d or {}
@@ -331,7 +336,10 @@ class _Builder(Checker):
     def rate_limit(self, d: dict | None, sub: Path) -> RateLimitPolicy | None:
         if d is None:
             return None
+        tokens = int(d["tokens_per_minute"]) if "tokens_per_minute" in d else None
+        if "per_second" not in d:
+            return RateLimitPolicy(tokens_per_minute=tokens)
         per_second = float(d["per_second"])
         # Without `burst`, a bucket holds one second's worth (at least one request).
         burst = int(d["burst"]) if "burst" in d else max(1, round(per_second))
-        return RateLimitPolicy(per_second=per_second, burst=burst)
+        return RateLimitPolicy(per_second=per_second, burst=burst, tokens_per_minute=tokens)

@@ -35,7 +35,19 @@ def policy_data(policy: Policy, *, redact: bool = True) -> dict:
         "routes": [route_data(r, nulls=True) for r in policy.routes],
         "state_dir": policy.state_dir,
     }
+    if policy.llm.prices:
+        data["llm"] = {"prices": {m: {"input_per_million": _num(i), "output_per_million": _num(o)}
+                                  for m, i, o in policy.llm.prices}}
     return scrub(data, policy.secrets) if redact else data
+
+
+def _rate_limit(limit) -> dict:
+    out: dict = {}
+    if limit.per_second is not None:
+        out.update(per_second=_num(limit.per_second), burst=limit.burst)
+    if limit.tokens_per_minute is not None:
+        out["tokens_per_minute"] = limit.tokens_per_minute
+    return out
 
 
 def scrub(data: object, secrets: tuple[str, ...]) -> object:
@@ -84,7 +96,7 @@ def route_data(r: Route, *, identity: bool = True, nulls: bool = False) -> dict:
                       ("queue", lambda q: {"when": conditions_data(q.when), "max_items": q.max_items,
                                            "max_age": _d(q.max_age)}),
                       ("fault", _fault),
-                      ("rate_limit", lambda l: {"per_second": _num(l.per_second), "burst": l.burst})):
+                      ("rate_limit", _rate_limit)):
         value = getattr(r, key)
         if value is not None or nulls:
             out[key] = None if value is None else dump(value)

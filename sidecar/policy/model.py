@@ -78,6 +78,21 @@ class Telemetry:
 
 
 @dataclass(frozen=True, slots=True)
+class LlmPolicy:
+    """`llm:`: per-model prices (per million tokens), for `sidecar_llm_cost_total` and span costs.
+    No price list is built in: a model without a price has no cost."""
+    prices: tuple[tuple[str, float, float], ...] = ()   # (model or "*", input, output)
+
+    def price(self, model: str | None) -> tuple[float, float] | None:
+        if model is None:
+            return None
+        for name, per_in, per_out in self.prices:
+            if name == model:
+                return per_in, per_out
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     path: str
     interval: float = 5.0
@@ -265,8 +280,9 @@ class FaultPolicy:
 
 @dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
-    per_second: float
-    burst: int
+    per_second: float | None = None        # requests: a token bucket
+    burst: int = 1
+    tokens_per_minute: int | None = None   # LLM tokens: a sliding minute, counted from answers' usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,3 +340,4 @@ class Policy:
     digest: str                            # short content hash: the policy version on spans and /status
     redacted: dict                         # the effective policy as plain data, secrets replaced, for /config
     secrets: tuple[str, ...] = ()          # every expanded ${VAR} value, for log/trace scrubbing
+    llm: LlmPolicy = LlmPolicy()

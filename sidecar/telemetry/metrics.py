@@ -10,13 +10,19 @@ Series (SPEC "Admin API", plus the try-level ones an Envoy user looks for):
     sidecar_config_reloads_total{result}                    success | failure
     sidecar_relayed_connections_total{route,kind}           tunnel | upgrade | tls | tcp, once closed
     sidecar_relayed_bytes_total{route,kind,direction}       direction: up (app->upstream) | down
+    sidecar_llm_requests_total{route,upstream,model,outcome}   LLM tries: success | rate_limited | client_error |
+                                                            server_error | a failure name (reset, timeout...)
+    sidecar_llm_tokens_total{route,upstream,model,kind}     kind: input | output, from the answers' usage
+    sidecar_llm_cost_total{route,upstream,model}            with `llm.prices` only
+    sidecar_llm_time_to_first_token_seconds{route,upstream,model}   histogram, streamed answers
     sidecar_breaker_state{route,upstream}                   0 closed, 1 half-open, 2 open   } filled at
     sidecar_retry_budget_remaining{route}                                                   } scrape time
     sidecar_cache_entries, sidecar_queue_depth, sidecar_queue_oldest_age_seconds            } from the
     sidecar_policy_info{version}                            always 1                        } state provider
 
 Labels are route and upstream names from the policy, decision names and status codes: never a path.
-Upstream names of passthrough traffic (the original destination) are capped, see `_Capped`.
+Upstream names of passthrough traffic (the original destination) and LLM model names (they come from
+requests and answers) are capped, see `_Capped`.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, ge
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from sidecar.core.decisions import Decision, DecisionRecord
-from sidecar.telemetry.records import RequestRecord
+from sidecar.telemetry.records import RequestRecord, TryRecord
 
 log = logging.getLogger("sidecar.telemetry.metrics")
 
@@ -67,7 +73,7 @@ class Metrics:
     """A `TelemetrySink` with its own registry; `render()` is the body of `GET /metrics`."""
 
     def __init__(self, state_provider: StateProvider | None = None, *, max_label_values: int = 500,
-                 process_metrics: bool = True) -> None:
+                 max_models: int = 50, process_metrics: bool = True) -> None:
         # `*_created` series double the page and no dashboard reads them (process-wide switch; the
         # sidecar is the process).
         disable_created_metrics()
@@ -89,6 +95,7 @@ class Metrics:
 
         self._route = _Capped(max_label_values)
         self._upstream = _Capped(max_label_values)
+        self._model = _Capped(max_models)
         self._decision_children: dict[tuple[str, str], object] = {}
 
     # -- TelemetrySink ---------------------------------------------------------------------------
@@ -121,6 +128,45 @@ class Metrics:
                 if hist is None:
                     hist = hot.try_durations[hkey] = _Histogram()
                 hist.observe((t.end_ns - t.start_ns) / 1e9)
+            if t.llm is not None:
+                self._llm_try(route, upstream, t)
+
+    def _llm_try(self, route: str, upstream: str, t: TryRecord) -> None:
+        """An LLM try is counted when its answer carried usage, or when it failed; a 2xx answer without
+        usage is not an LLM answer after all (an HTML page, a truncated stream): nothing is counted."""
+        llm = t.llm
+        if llm.has_usage and t.error_type is None and t.status is not None and t.status < 400:
+            outcome = "success"
+        elif t.status == 429:
+            outcome = "rate_limited"
+        elif t.status is not None and 400 <= t.status < 500:
+            outcome = "client_error"
+        elif t.status is not None and t.status >= 500:
+            outcome = "server_error"
+        elif t.error_type is not None:
+            outcome = t.error_type
+        else:
+            return
+        hot = self._hot
+        model = self._model(llm.model or "unknown")
+        key = (route, upstream, model, outcome)
+        hot.llm_requests[key] = hot.llm_requests.get(key, 0) + 1
+        if not llm.has_usage:
+            return
+        for kind, n in (("input", llm.input_tokens), ("output", llm.output_tokens)):
+            if n:
+                tkey = (route, upstream, model, kind)
+                hot.llm_tokens[tkey] = hot.llm_tokens.get(tkey, 0) + n
+        cost = llm.cost()
+        if cost is not None:
+            ckey = (route, upstream, model)
+            hot.llm_cost[ckey] = hot.llm_cost.get(ckey, 0.0) + cost
+        if llm.first_chunk_ns:
+            hkey = (route, upstream, model)
+            hist = hot.llm_ttft.get(hkey)
+            if hist is None:
+                hist = hot.llm_ttft[hkey] = _Histogram()
+            hist.observe(max(0, llm.first_chunk_ns - t.start_ns) / 1e9)
 
     def decision(self, record: DecisionRecord) -> None:
         key = (self._route(record.route), str(record.decision))
@@ -173,6 +219,10 @@ class _HotPath:
         self.try_durations: dict[tuple[str, str], _Histogram] = {}
         self.relayed: dict[tuple[str, str], int] = {}
         self.relayed_bytes: dict[tuple[str, str], tuple[int, int]] = {}
+        self.llm_requests: dict[tuple[str, str, str, str], int] = {}
+        self.llm_tokens: dict[tuple[str, str, str, str], int] = {}
+        self.llm_cost: dict[tuple[str, str, str], float] = {}
+        self.llm_ttft: dict[tuple[str, str, str], _Histogram] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -208,7 +258,34 @@ class _HotPath:
         for (route, kind), (up, down) in list(self.relayed_bytes.items()):
             relayed_bytes.add_metric([route, kind, "up"], up)
             relayed_bytes.add_metric([route, kind, "down"], down)
-        return [requests, duration, tries, try_duration, relayed, relayed_bytes]
+        families = [requests, duration, tries, try_duration, relayed, relayed_bytes]
+        if self.llm_requests:
+            families.extend(self._llm_families())
+        return families
+
+    def _llm_families(self) -> list[Metric]:
+        requests = CounterMetricFamily("sidecar_llm_requests", "LLM API tries, by route, upstream, model "
+                                       "and outcome.", labels=["route", "upstream", "model", "outcome"])
+        for key, n in list(self.llm_requests.items()):
+            requests.add_metric(list(key), n)
+        tokens = CounterMetricFamily("sidecar_llm_tokens", "LLM tokens, from the answers' usage.",
+                                     labels=["route", "upstream", "model", "kind"])
+        for key, n in list(self.llm_tokens.items()):
+            tokens.add_metric(list(key), n)
+        families: list[Metric] = [requests, tokens]
+        if self.llm_cost:
+            cost = CounterMetricFamily("sidecar_llm_cost", "LLM cost from the policy's llm.prices "
+                                       "(its currency).", labels=["route", "upstream", "model"])
+            for key, value in list(self.llm_cost.items()):
+                cost.add_metric(list(key), value)
+            families.append(cost)
+        ttft = HistogramMetricFamily("sidecar_llm_time_to_first_token_seconds",
+                                     "Time from sending an LLM request to its answer's first streamed event.",
+                                     labels=["route", "upstream", "model"])
+        for key, hist in list(self.llm_ttft.items()):
+            ttft.add_metric(list(key), hist.buckets(), hist.total)
+        families.append(ttft)
+        return families
 
 
 class _LiveState:

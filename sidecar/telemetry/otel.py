@@ -38,6 +38,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.llm.usage import LlmCall
 from sidecar.policy.model import Telemetry
 from sidecar.telemetry.export import _gate, _GuardedExporter, _install_gate
 from sidecar.telemetry.otelconfig import (
@@ -104,6 +105,50 @@ def _scrubbed(url: str) -> str:
 
 def _error(description: str) -> Status:
     return Status(StatusCode.ERROR, description)
+
+
+def _llm_answer(r: RequestRecord) -> LlmCall | None:
+    """The LLM try whose answer the app got (the last one with usage), else the last LLM try."""
+    last = None
+    for t in reversed(r.tries):
+        if t.llm is not None:
+            if t.llm.has_usage:
+                return t.llm
+            last = last or t.llm
+    return last
+
+
+def _genai_attributes(attrs: dict, llm: LlmCall, start_ns: int) -> None:
+    """OpenTelemetry GenAI semantic conventions (semantic-conventions-genai, the `gen_ai.client.inference`
+    span: `gen_ai.provider.name`, which replaced `gen_ai.system` in 2025, and
+    `gen_ai.response.time_to_first_chunk`)."""
+    attrs["gen_ai.operation.name"] = llm.operation
+    attrs["gen_ai.provider.name"] = llm.provider
+    if llm.request_model is not None:
+        attrs["gen_ai.request.model"] = llm.request_model
+    if llm.max_tokens is not None:
+        attrs["gen_ai.request.max_tokens"] = llm.max_tokens
+    if llm.stream:
+        attrs["gen_ai.request.stream"] = True
+    if llm.response_model is not None:
+        attrs["gen_ai.response.model"] = llm.response_model
+    if llm.response_id is not None:
+        attrs["gen_ai.response.id"] = llm.response_id
+    if llm.finish_reasons:
+        attrs["gen_ai.response.finish_reasons"] = tuple(llm.finish_reasons)
+    if llm.input_tokens is not None:
+        attrs["gen_ai.usage.input_tokens"] = llm.input_tokens
+    if llm.output_tokens is not None:
+        attrs["gen_ai.usage.output_tokens"] = llm.output_tokens
+    if llm.cache_read_tokens is not None:
+        attrs["gen_ai.usage.cache_read.input_tokens"] = llm.cache_read_tokens
+    if llm.cache_write_tokens is not None:
+        attrs["gen_ai.usage.cache_write.input_tokens"] = llm.cache_write_tokens
+    if llm.first_chunk_ns:
+        attrs["gen_ai.response.time_to_first_chunk"] = max(0, llm.first_chunk_ns - start_ns) / 1e9
+    cost = llm.cost()
+    if cost is not None:
+        attrs["sidecar.llm.cost"] = cost
 
 
 class _HashedResource(Resource):
@@ -227,6 +272,14 @@ class OtelSink:
             attrs["error.type"] = error_type
             status = _error(error_type)
 
+        answer = _llm_answer(r)
+        if answer is not None:
+            _genai_attributes(attrs, answer, r.start_ns)
+            if r.llm_model is not None:
+                attrs["gen_ai.request.model"] = r.llm_model       # what the app asked for
+            if answer.request_model is not None:
+                attrs["sidecar.llm.sent_model"] = answer.request_model   # after json_map / translation
+
         events: list[Event] = []
         if r.decisions:
             # Distinct decision names in order, as in x-sidecar-degraded: searchable in Jaeger's tag query.
@@ -258,6 +311,8 @@ class OtelSink:
             attrs["http.request.resend_count"] = t.resend_count
         if t.fallback_target is not None:
             attrs["sidecar.fallback.target"] = t.fallback_target
+        if t.llm is not None:
+            _genai_attributes(attrs, t.llm, t.start_ns)
         # HTTP client semconv: error.type is the failure, else the status code for 4xx/5xx, and a CLIENT
         # span's status is Error for both.
         status = _OK

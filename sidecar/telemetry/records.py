@@ -8,9 +8,12 @@ injected into each try before its span exists.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.core.decisions import DecisionRecord
+
+if TYPE_CHECKING:
+    from sidecar.llm.usage import LlmCall
 
 
 @dataclass(slots=True)
@@ -28,6 +31,7 @@ class TryRecord:
     status: int | None = None
     error_type: str | None = None          # connect-failure | reset | timeout | protocol-error | 5xx code
     fallback_target: str | None = None     # set for calls made by the fallback chain
+    llm: "LlmCall | None" = None           # an LLM API call: model, usage, finish reasons (sidecar/llm)
 
 
 @dataclass(slots=True)
@@ -57,6 +61,7 @@ class RequestRecord:
     relayed: str | None = None             # tunnel | upgrade | tls | tcp
     bytes_up: int = 0                      # app -> upstream
     bytes_down: int = 0                    # upstream -> app
+    llm_model: str | None = None           # an LLM call: the model the app asked for (before json_map)
 
 
 class TelemetrySink(Protocol):
