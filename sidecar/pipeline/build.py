@@ -28,7 +28,7 @@ def layers_for(route: Route) -> list:
     if route.fallback is not None or route.queue is not None:
         stack.append(fallback_layer)         # primary failed: queue the write, or walk the targets
     if route.rate_limit is not None:
-        stack.append(rate_limit_layer)       # token bucket: 429 (or the fallback chain)
+        stack.append(rate_limit_layer)       # token bucket, LLM tokens/min: 429 (or the fallback chain)
     if route.concurrency is not None:
         stack.append(concurrency_layer)      # over the limit: concurrency_full at once, no queueing
     if route.fault is not None:

@@ -11,18 +11,50 @@ from multidict import CIMultiDict
 
 from sidecar.core.decisions import Decision
 from sidecar.core.faults import decide_fault
+from sidecar.llm.usage import request_shape
 from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
 
 
 async def rate_limit_layer(ex: Exchange, call: Call, next) -> Reply:
-    allowed, retry_after = ex.state.bucket.try_take()
-    if not allowed:
-        limit = ex.route.rate_limit
-        ex.decide(Decision.RATE_LIMITED, f"over {limit.per_second:g}/s (burst {limit.burst})")
+    limit = ex.route.rate_limit
+    bucket = ex.state.bucket
+    if bucket is not None:
+        allowed, retry_after = bucket.try_take()
+        if not allowed:
+            ex.decide(Decision.RATE_LIMITED, f"over {limit.per_second:g}/s (burst {limit.burst})")
+            if ex.enforce:
+                raise Degraded("rate-limited", "local rate limit exceeded", status=429,
+                               retry_after=max(retry_after, 0.001))
+    window = ex.state.tokens
+    if window is None:
+        return await next(ex, call)
+    shape = request_shape(ex.url.path, ex.body.data)
+    reservation, retry_after = window.try_spend(window.estimate(shape.max_tokens if shape else None))
+    if reservation is None:
+        ex.decide(Decision.RATE_LIMITED, f"over {limit.tokens_per_minute} tokens/min "
+                                         f"({window.spent()} spent or in flight)")
         if ex.enforce:
-            raise Degraded("rate-limited", "local rate limit exceeded", status=429,
+            raise Degraded("rate-limited", "LLM tokens per minute exceeded", status=429,
                            retry_after=max(retry_after, 0.001))
-    return await next(ex, call)
+        return await next(ex, call)
+    # The usage is read while the answer streams to the app: settled when it is done (or failed).
+    try:
+        reply = await next(ex, call)
+    except BaseException:
+        window.settle(reservation, _tokens_spent(ex))
+        raise
+    reply.on_done.append(lambda ok: window.settle(reservation, _tokens_spent(ex)))
+    return reply
+
+
+def _tokens_spent(ex: Exchange) -> int:
+    """Input plus output tokens of every try of this request whose answer carried usage."""
+    total = 0
+    for t in ex.record.tries:
+        llm = t.llm
+        if llm is not None and llm.has_usage:
+            total += (llm.input_tokens or 0) + (llm.output_tokens or 0)
+    return total
 
 
 async def concurrency_layer(ex: Exchange, call: Call, next) -> Reply:

@@ -10,6 +10,7 @@ from sidecar.core.budget import RetryBudget
 from sidecar.core.clock import Clock
 from sidecar.core.concurrency import ConcurrencyLimit
 from sidecar.core.ratelimit import TokenBucket
+from sidecar.core.tokenwindow import TokenWindow
 from sidecar.policy.model import BreakerPolicy, Route
 
 # Passthrough routes get a breaker per original destination: bounded so that a scan of many hosts
@@ -18,7 +19,8 @@ MAX_BREAKERS_PER_ROUTE = 1024
 
 
 class RouteState:
-    __slots__ = ("name", "upstream", "route", "clock", "budget", "concurrency", "bucket", "breakers", "cache")
+    __slots__ = ("name", "upstream", "route", "clock", "budget", "concurrency", "bucket", "tokens", "breakers",
+                 "cache")
 
     def __init__(self, route: Route, clock: Clock) -> None:
         self.name = route.name
@@ -29,6 +31,7 @@ class RouteState:
         self.budget = None
         self.concurrency = None
         self.bucket = None
+        self.tokens = None                   # rate_limit.tokens_per_minute: a TokenWindow
         self.cache = None                    # set by the cache layer for routes with `cache:`
         self.apply(route)
 
@@ -46,10 +49,15 @@ class RouteState:
         elif self.concurrency is None or self.concurrency.max != route.concurrency.max:
             # In-flight requests release into the limiter they acquired from.
             self.concurrency = ConcurrencyLimit(route.concurrency.max)
-        if route.rate_limit is None:
+        limit = route.rate_limit
+        if limit is None or limit.per_second is None:
             self.bucket = None
-        elif self.bucket is None or old.rate_limit != route.rate_limit:
-            self.bucket = TokenBucket(route.rate_limit.per_second, route.rate_limit.burst, self.clock)
+        elif self.bucket is None or old.rate_limit != limit:
+            self.bucket = TokenBucket(limit.per_second, limit.burst, self.clock)
+        if limit is None or limit.tokens_per_minute is None:
+            self.tokens = None
+        elif self.tokens is None or self.tokens.limit != limit.tokens_per_minute:
+            self.tokens = TokenWindow(limit.tokens_per_minute, self.clock)
         if route.cache is None and self.cache is not None:
             self.cache.retire()              # a reload dropped `cache:` (attach_cache binds it otherwise)
             self.cache = None

@@ -46,7 +46,8 @@ def replay_limit(route: Route) -> int:
     if route.retry is not None:
         return route.retry.max_body
     if route.fallback is not None or route.hedge is not None or route.queue is not None \
-            or (route.cache is not None and "body" in route.cache.key):
+            or (route.cache is not None and "body" in route.cache.key) \
+            or (route.rate_limit is not None and route.rate_limit.tokens_per_minute is not None):
         return DEFAULT_REPLAY_LIMIT
     return NO_REPLAY_LIMIT
 
