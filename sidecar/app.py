@@ -18,6 +18,7 @@ from sidecar.proxy.guard import GuardedAppRunner
 from sidecar.queue import QueueError, open_queue
 from sidecar.runtime import Runtime
 from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.signals import Signals
 from sidecar.telemetry.otel import OtelSink
 
 log = logging.getLogger("sidecar")
@@ -29,6 +30,7 @@ class Sidecar:
     runtime: Runtime
     metrics: Metrics
     hub: EventHub
+    signals: Signals
     runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -47,7 +49,8 @@ async def start(policy: Policy, *, reuse_port: bool = False, admin: bool = True,
     holder: list[Runtime] = []
     metrics = Metrics(lambda: holder[0].metrics_state() if holder else {})
     hub = EventHub()
-    sinks = [metrics, hub]
+    signals = Signals()
+    sinks = [metrics, hub, signals]
     otel = OtelSink.from_config(policy.telemetry)
     if otel is not None:
         sinks.append(otel)
@@ -56,10 +59,10 @@ async def start(policy: Policy, *, reuse_port: bool = False, admin: bool = True,
     holder.append(runtime)
     if queue is not None:
         queue.start(runtime)                 # writes left from before a restart start going out now
-    sidecar = Sidecar(runtime, metrics, hub)
+    sidecar = Sidecar(runtime, metrics, hub, signals)
     await runtime.start_listeners(reuse_port=reuse_port)
     if admin:
-        sidecar.runners.append(await _serve(admin_app(runtime, metrics, hub), policy.admin.bind, policy.admin.port))
+        sidecar.runners.append(await _serve(admin_app(runtime, metrics, hub, signals), policy.admin.bind, policy.admin.port))
         if (policy.health.bind, policy.health.port) != (policy.admin.bind, policy.admin.port):
             sidecar.runners.append(await _serve(health_app(runtime), policy.health.bind, policy.health.port))
     if watch:

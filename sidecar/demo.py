@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import random
 import socket
 import statistics
@@ -45,8 +46,12 @@ class DemoUpstream:
             await asyncio.sleep(30)
         model = ""
         if body.startswith(b"{"):
-            import json
             model = json.loads(body).get("model", "")
+        if request.path.endswith("/chat/completions"):   # an OpenAI-shaped answer, with its usage
+            return web.json_response({
+                "object": "chat.completion", "model": model, "served_by": self.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 20 + len(body) // 16, "completion_tokens": 35}})
         return web.json_response({"served_by": self.name, "model": model, "path": request.path})
 
     async def up(self) -> None:
@@ -72,6 +77,7 @@ listeners:
 admin: {{bind: 127.0.0.1, port: {admin}}}
 health: {{bind: 127.0.0.1, port: {health}}}
 telemetry: {{service_name: sidecar-demo}}
+llm: {{prices: {{gpt-4o: {{input_per_million: 2.5, output_per_million: 10}}, backup-large: {{input_per_million: 1, output_per_million: 4}}}}}}
 upstreams:
   flaky: {{url: "http://127.0.0.1:{flaky}"}}
   failing: {{url: "http://127.0.0.1:{failing}"}}
@@ -160,11 +166,15 @@ async def _demo(requests: int) -> int:
         tally = Tally()
         try:
             await _run(sidecar, ups, ports, tally, requests)
+            llm_lines = _llm_summary(sidecar)
         finally:
             await sidecar.stop()
             for up in ups.values():
                 await up.down()
     tally.print({name: up.hits for name, up in ups.items()})
+    print()
+    for line in llm_lines:
+        print(line)
     print(f"\nadmin API was at http://127.0.0.1:{ports['admin']}/ (dashboard), /status, /metrics, /events")
     return 0
 
@@ -209,6 +219,31 @@ async def _run(sidecar, ups, ports, tally: Tally, requests: int) -> None:
         await chat("chat: both down -> stale cache", 3)
         await chat("chat: both down, uncached -> static", 3, prompt="never asked ")
         print()
+
+
+def _llm_summary(sidecar) -> list[str]:
+    """The LLM route's tokens (from /metrics) and where its answers came from (/status signals)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    body, _ = sidecar.metrics.render()
+    tokens: dict[tuple[str, str], dict[str, float]] = {}
+    cost: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            key = (sample.labels.get("upstream", ""), sample.labels.get("model", ""))
+            if sample.name == "sidecar_llm_tokens_total":
+                tokens.setdefault(key, {})[sample.labels["kind"]] = sample.value
+            elif sample.name == "sidecar_llm_cost_total":
+                cost[key] = sample.value
+    lines = ["LLM tokens on route chat (sidecar_llm_tokens_total, read from each answer's usage):"]
+    for (upstream, model), kinds in sorted(tokens.items()):
+        price = f", cost {cost[(upstream, model)]:.6f}" if (upstream, model) in cost else ""
+        lines.append(f"  {upstream:10} {model:14} input {kinds.get('input', 0):>6.0f}  output "
+                     f"{kinds.get('output', 0):>6.0f}{price}")
+    for row in sidecar.signals.snapshot()["fallback"]["routes"]:
+        if row["route"] == "chat":
+            shares = ", ".join(f"{source} {100 * share:.0f}%" for source, share in row["shares"].items())
+            lines.append(f"chat answers by source over the demo ({row['answers']}): {shares}")
+    return lines
 
 
 def run_demo(requests: int = 200) -> int:

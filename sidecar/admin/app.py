@@ -14,6 +14,7 @@ from importlib import resources
 from aiohttp import web
 
 from sidecar.admin.events import EventHub
+from sidecar.telemetry.signals import Signals
 
 HEARTBEAT = 15.0
 
@@ -44,7 +45,7 @@ def health_routes(runtime) -> list[web.RouteDef]:
     return [web.get("/healthz", healthz), web.get("/readyz", readyz)]
 
 
-def admin_app(runtime, metrics, hub: EventHub) -> web.Application:
+def admin_app(runtime, metrics, hub: EventHub, signals: Signals | None = None) -> web.Application:
     app = web.Application()
     app.add_routes(health_routes(runtime))
     # An SSE stream never ends by itself: without this, a graceful shutdown waits the runner's whole
@@ -66,7 +67,10 @@ def admin_app(runtime, metrics, hub: EventHub) -> web.Application:
         return _json(runtime.policy.redacted)
 
     async def status(request: web.Request) -> web.Response:
-        return _json(runtime.status())
+        doc = runtime.status()
+        if signals is not None:            # golden signals and fallback shares (telemetry/signals.py)
+            doc["signals"] = signals.snapshot()
+        return _json(doc)
 
     async def queue(request: web.Request) -> web.Response:
         if runtime.queue is None:
