@@ -27,7 +27,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 class Prices(Protocol):
     def price(self, model: str | None) -> tuple[float, float] | None: ...
@@ -117,7 +117,7 @@ def request_shape(path: str, body: bytes | None) -> LlmCall | None:
     return call
 
 
-def _count(value) -> bool:
+def _count(value) -> TypeGuard[int]:
     return type(value) is int and 0 <= value < 1 << 53
 
 
@@ -285,7 +285,7 @@ def _usage(call: LlmCall, usage, *, cumulative: bool) -> None:
     read = usage.get("cache_read_input_tokens")
     write = usage.get("cache_creation_input_tokens")
     if call.provider == "anthropic" and _count(inp):
-        inp = inp + (read if _count(read) else 0) + (write if _count(write) else 0)
+        inp += (read if _count(read) else 0) + (write if _count(write) else 0)
     if not _count(read):
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
         read = details.get("cached_tokens") if isinstance(details, dict) else None

@@ -35,6 +35,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, ge
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.llm.usage import LlmCall
 from sidecar.telemetry.records import RequestRecord, TryRecord
 
 log = logging.getLogger("sidecar.telemetry.metrics")
@@ -129,12 +130,11 @@ class Metrics:
                     hist = hot.try_durations[hkey] = _Histogram()
                 hist.observe((t.end_ns - t.start_ns) / 1e9)
             if t.llm is not None:
-                self._llm_try(route, upstream, t)
+                self._llm_try(route, upstream, t, t.llm)
 
-    def _llm_try(self, route: str, upstream: str, t: TryRecord) -> None:
+    def _llm_try(self, route: str, upstream: str, t: TryRecord, llm: LlmCall) -> None:
         """An LLM try is counted when its answer carried usage, or when it failed; a 2xx answer without
         usage is not an LLM answer after all (an HTML page, a truncated stream): nothing is counted."""
-        llm = t.llm
         if llm.has_usage and t.error_type is None and t.status is not None and t.status < 400:
             outcome = "success"
         elif t.status == 429:
@@ -276,14 +276,14 @@ class _HotPath:
         if self.llm_cost:
             cost = CounterMetricFamily("sidecar_llm_cost", "LLM cost from the policy's llm.prices "
                                        "(its currency).", labels=["route", "upstream", "model"])
-            for key, value in list(self.llm_cost.items()):
-                cost.add_metric(list(key), value)
+            for ckey, value in list(self.llm_cost.items()):
+                cost.add_metric(list(ckey), value)
             families.append(cost)
         ttft = HistogramMetricFamily("sidecar_llm_time_to_first_token_seconds",
                                      "Time from sending an LLM request to its answer's first streamed event.",
                                      labels=["route", "upstream", "model"])
-        for key, hist in list(self.llm_ttft.items()):
-            ttft.add_metric(list(key), hist.buckets(), hist.total)
+        for hkey, hist in list(self.llm_ttft.items()):
+            ttft.add_metric(list(hkey), hist.buckets(), hist.total)
         families.append(ttft)
         return families
 
