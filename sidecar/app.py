@@ -44,13 +44,22 @@ class Sidecar:
             await runner.cleanup()
 
 
+async def _tick(signals: Signals) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            signals.tick()
+        except Exception:  # noqa: BLE001 - the dashboard's numbers must not stop the sidecar
+            logging.getLogger("sidecar.telemetry").exception("golden signals reading failed")
+
+
 async def start(policy: Policy, *, reuse_port: bool = False, admin: bool = True, watch: bool = True,
                 **runtime_kwargs) -> Sidecar:
     holder: list[Runtime] = []
     metrics = Metrics(lambda: holder[0].metrics_state() if holder else {})
     hub = EventHub()
-    signals = Signals()
-    sinks = [metrics, hub, signals]
+    signals = Signals(metrics)               # golden signals: read from the metrics' counters each second
+    sinks = [metrics, hub]
     otel = OtelSink.from_config(policy.telemetry)
     if otel is not None:
         sinks.append(otel)
@@ -65,6 +74,7 @@ async def start(policy: Policy, *, reuse_port: bool = False, admin: bool = True,
         sidecar.runners.append(await _serve(admin_app(runtime, metrics, hub, signals), policy.admin.bind, policy.admin.port))
         if (policy.health.bind, policy.health.port) != (policy.admin.bind, policy.admin.port):
             sidecar.runners.append(await _serve(health_app(runtime), policy.health.bind, policy.health.port))
+    sidecar.tasks.append(asyncio.get_running_loop().create_task(_tick(signals)))
     if watch:
         sidecar.tasks.append(asyncio.get_running_loop().create_task(watch_policy(runtime)))
     return sidecar

@@ -266,6 +266,8 @@ class Runtime:
                 "in_flight": state.concurrency.in_flight if state.concurrency else None,
                 "concurrency_max": route.concurrency.max if route.concurrency else None,
                 "cache": state.cache.stats() if getattr(state, "cache", None) else None,
+                "tokens_per_minute": None if state.tokens is None else
+                {"limit": state.tokens.limit, "spent": state.tokens.spent()},
             })
         return {
             "policy": {"version": gen.policy.digest, "source": gen.policy.source,

@@ -10,6 +10,7 @@ Series (SPEC "Admin API", plus the try-level ones an Envoy user looks for):
     sidecar_config_reloads_total{result}                    success | failure
     sidecar_relayed_connections_total{route,kind}           tunnel | upgrade | tls | tcp, once closed
     sidecar_relayed_bytes_total{route,kind,direction}       direction: up (app->upstream) | down
+    sidecar_answers_total{route,source}                     primary | upstream:NAME (fallback) | cache | static...
     sidecar_llm_requests_total{route,upstream,model,outcome}   LLM tries: success | rate_limited | client_error |
                                                             server_error | a failure name (reset, timeout...)
     sidecar_llm_tokens_total{route,upstream,model,kind}     kind: input | output, from the answers' usage
@@ -29,6 +30,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
@@ -46,6 +48,7 @@ StateProvider = Callable[[], dict]
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "half-open": 1.0, "open": 2.0}
 OTHER = "other"
+LOCAL_SOURCES = frozenset({"cache", "static", "queue", "fault"})
 
 
 class _Capped:
@@ -113,6 +116,8 @@ class Metrics:
                 if hist is None:
                     hist = hot.durations[route] = _Histogram()
                 hist.observe((record.end_ns - record.start_ns) / 1e9)
+            akey = (route, answer_source(record))
+            hot.answers[akey] = hot.answers.get(akey, 0) + 1
         if record.relayed is not None:
             rkey = (route, record.relayed)
             hot.relayed[rkey] = hot.relayed.get(rkey, 0) + 1
@@ -179,6 +184,39 @@ class Metrics:
         elif record.decision == Decision.CONFIG_REJECTED:
             self._reload_failed.inc()
 
+    # -- readings for the golden signals (telemetry/signals.py) -----------------------------------
+
+    def cumulative(self) -> Cumulative:
+        """The counters kept so far, summed per route and per upstream: what the golden signals
+        difference over time. Costs a pass over the hot-path dicts; called once a second."""
+        hot = self._hot
+        routes: dict[str, Totals] = {}
+        upstreams: dict[str, Totals] = {}
+        for (route, code), n in list(hot.requests.items()):
+            t = _totals(routes, route)
+            t.requests += n
+            if not isinstance(code, int) or code >= 500:
+                t.failures += n
+        for route, hist in list(hot.durations.items()):
+            _add_counts(_totals(routes, route).latency, hist.counts)
+        for (route, upstream, code), n in list(hot.tries.items()):
+            t = _totals(upstreams, upstream)
+            t.requests += n
+            if not isinstance(code, int) or code >= 500:
+                t.failures += n
+        for (route, upstream), hist in list(hot.try_durations.items()):
+            _add_counts(_totals(upstreams, upstream).latency, hist.counts)
+        for (route, upstream, _model, _kind), n in list(hot.llm_tokens.items()):
+            _totals(routes, route).tokens += n
+            _totals(upstreams, upstream).tokens += n
+        for (route, upstream, _model), value in list(hot.llm_cost.items()):
+            _totals(routes, route).cost += value
+            _totals(upstreams, upstream).cost += value
+        answers: dict[str, dict[str, int]] = {}
+        for (route, source), n in list(hot.answers.items()):
+            answers.setdefault(route, {})[source] = n
+        return Cumulative(routes, upstreams, answers)
+
     # -- exposition ------------------------------------------------------------------------------
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
@@ -187,6 +225,46 @@ class Metrics:
             encoder, content_type = choose_encoder(accept)
             return encoder(self.registry), content_type
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+@dataclass(slots=True)
+class Totals:
+    """Cumulative counts for one route or upstream (latency: counts per `BUCKETS` bucket, +Inf last)."""
+    requests: int = 0
+    failures: int = 0
+    latency: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    tokens: int = 0
+    cost: float = 0.0
+
+
+@dataclass(slots=True)
+class Cumulative:
+    routes: dict[str, Totals]
+    upstreams: dict[str, Totals]
+    answers: dict[str, dict[str, int]]     # route -> source -> answers
+
+
+def _totals(table: dict[str, Totals], key: str) -> Totals:
+    t = table.get(key)
+    if t is None:
+        t = table[key] = Totals()
+    return t
+
+
+def _add_counts(into: list[int], counts: list[int]) -> None:
+    for i, n in enumerate(counts):
+        into[i] += n
+
+
+def answer_source(record: RequestRecord) -> str:
+    """primary | upstream:NAME (a fallback target) | cache | static | queue | fault | failed"""
+    who = record.upstream
+    if who in LOCAL_SOURCES:
+        return who
+    for t in reversed(record.tries):
+        if t.upstream == who and t.status is not None:
+            return t.fallback_target or "primary"
+    return "failed"                        # the sidecar's own error answer: nothing could answer
 
 
 class _Histogram:
@@ -218,6 +296,7 @@ class _HotPath:
         self.tries: dict[tuple[str, str, object], int] = {}
         self.try_durations: dict[tuple[str, str], _Histogram] = {}
         self.relayed: dict[tuple[str, str], int] = {}
+        self.answers: dict[tuple[str, str], int] = {}
         self.relayed_bytes: dict[tuple[str, str], tuple[int, int]] = {}
         self.llm_requests: dict[tuple[str, str, str, str], int] = {}
         self.llm_tokens: dict[tuple[str, str, str, str], int] = {}
@@ -258,7 +337,13 @@ class _HotPath:
         for (route, kind), (up, down) in list(self.relayed_bytes.items()):
             relayed_bytes.add_metric([route, kind, "up"], up)
             relayed_bytes.add_metric([route, kind, "down"], down)
-        families = [requests, duration, tries, try_duration, relayed, relayed_bytes]
+        answers = CounterMetricFamily(
+            "sidecar_answers", "Answers to the app by route and source: primary, a fallback target "
+            "(upstream:NAME), cache, static, queue, fault, or failed (nothing could answer).",
+            labels=["route", "source"])
+        for (route, source), n in list(self.answers.items()):
+            answers.add_metric([route, source], n)
+        families = [requests, duration, tries, try_duration, answers, relayed, relayed_bytes]
         if self.llm_requests:
             families.extend(self._llm_families())
         return families

@@ -47,6 +47,9 @@ async def test_fourth_call_in_the_minute_is_429_or_goes_to_the_backup(upstream_f
         assert 1 <= int(headers["retry-after"]) <= 60
         assert headers["x-sidecar-degraded"] == "rate_limited" and b"tokens per minute" in text
         assert primary.hits == 3
+        async with s.get(f"http://127.0.0.1:{port['admin']}/status") as r:
+            limited = next(route for route in (await r.json())["routes"] if route["name"] == "limited")
+        assert limited["tokens_per_minute"] == {"limit": 1000, "spent": 900}
 
         served_by = [(await post("b"))[1]["x-sidecar-upstream"] for _ in range(4)]
         assert served_by == ["primary", "primary", "primary", "backup"]
