@@ -109,6 +109,15 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    """Per-endpoint outlier detection (Envoy's): who is ejected, for how long, and how many at most."""
+    consecutive_failures: int = 5          # 5xx, connect failures, resets, timeouts in a row
+    eject_for: float = 30.0                # x the number of recent ejections of that endpoint ...
+    max_eject_for: float = 300.0           # ... up to this
+    max_ejected: float = 50.0              # percent of the set; past it the balancer panics
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
     url: str                             # as written, ${VAR} expanded
