@@ -23,9 +23,9 @@ from sidecar.policy.merge import deep_merge
 from sidecar.policy.model import (
     BackoffPolicy, BreakerPolicy, BudgetPolicy, CachePolicy, ConcurrencyPolicy, Conditions, Endpoint,
     FallbackPolicy, FallbackTarget, FaultAbort, FaultDelay, FaultPolicy, HeaderMatch, HealthCheck,
-    HedgePolicy, JsonCondition, JsonMap, Listener, LlmPolicy, Match, Policy, QueuePolicy, RateLimitPolicy,
-    RetryPolicy, Rewrite, Route, SlowCall, StaticResponse, Telemetry, TlsConfig, TracesConfig, Upstream,
-    WarmPath,
+    HedgePolicy, JsonCondition, JsonMap, Listener, LlmPolicy, Match, OutlierPolicy, Policy, QueuePolicy,
+    RateLimitPolicy, RetryPolicy, Rewrite, Route, SlowCall, SplitTarget, StaticResponse, Telemetry, TlsConfig,
+    TracesConfig, Upstream, UpstreamEndpoint, WarmPath,
 )
 
 DEFAULT_STATE_DIR = "/var/lib/sidecar"
@@ -148,24 +148,52 @@ class _Builder(Checker):
         return tuple(out)
 
     def upstream(self, name: str, d: dict, sub: Path) -> Upstream:
+        listed = [self.upstream_endpoint(e, sub + ("endpoints", i)) for i, e in enumerate(d.get("endpoints", []))]
+        if "url" in d and listed:
+            self.fail(sub + ("endpoints",), f"upstream '{name}': give either url or endpoints, not both")
+        discovery = d.get("discovery", "none")
+        if discovery == "dns" and listed:
+            self.fail(sub + ("discovery",), f"upstream '{name}': discovery: dns resolves the url's host; "
+                                            "list endpoints or discover them, not both")
+        if "resolver" in d and discovery != "dns":
+            self.fail(sub + ("resolver",), f"upstream '{name}': a resolver is used by discovery: dns only")
+        first = listed[0] if listed else self.upstream_endpoint({"url": d["url"]}, sub) if "url" in d else None
+        if first is None:                 # the schema reported it
+            first = UpstreamEndpoint(url="http://invalid", scheme="http", host="invalid", port=80)
+        kw = self.pick(d, sub, connect_timeout=self.duration, max_connections=_int, headers=_pairs,
+                       health_check=self.health_check, tls=self.tls, discovery=_same, refresh=self.duration,
+                       balance=_same, outlier=self.outlier,
+                       resolver=lambda v, _: tuple(v["servers"]))
+        if discovery == "dns" and kw.get("refresh", 1.0) <= 0:
+            self.fail(sub + ("refresh",), "refresh must be longer than 0s")
+        return Upstream(name=name, url=first.url, scheme=first.scheme, host=first.host, port=first.port,
+                        base_path=first.base_path, endpoints=tuple(listed) if len(listed) > 0 else (), **kw)
+
+    def upstream_endpoint(self, d: dict, sub: Path) -> UpstreamEndpoint:
         url = d["url"]
+        usub = sub + ("url",)
         try:
             parts = urlsplit(url)
             port = parts.port
             host = parts.hostname or ""
         except ValueError as exc:
-            self.fail(sub + ("url",), f"invalid url {url!r}: {exc}")
+            self.fail(usub, f"invalid url {url!r}: {exc}")
             parts, port, host = urlsplit("http://invalid"), None, "invalid"
         if parts.query or parts.fragment:
-            self.fail(sub + ("url",), "an upstream url has no query or fragment")
+            self.fail(usub, "an upstream url has no query or fragment")
         if parts.username is not None or parts.password is not None:
-            self.fail(sub + ("url",), "credentials go in the upstream's headers, not its url")
+            self.fail(usub, "credentials go in the upstream's headers, not its url")
         scheme = parts.scheme.lower()
-        kw = self.pick(d, sub, connect_timeout=self.duration, max_connections=_int, headers=_pairs,
-                       health_check=self.health_check, tls=self.tls)
-        return Upstream(name=name, url=url, scheme=scheme, host=f"[{host}]" if ":" in host else host,
-                        port=port if port is not None else (443 if scheme == "https" else 80),
-                        base_path=parts.path.rstrip("/"), **kw)
+        return UpstreamEndpoint(url=url, scheme=scheme, host=f"[{host}]" if ":" in host else host,
+                                port=port if port is not None else (443 if scheme == "https" else 80),
+                                base_path=parts.path.rstrip("/"), weight=int(d.get("weight", 1)),
+                                headers=_pairs(d.get("headers", {}), sub))
+
+    def outlier(self, d: dict, sub: Path) -> OutlierPolicy:
+        kw = self.pick(d, sub, consecutive_failures=_int, eject_for=self.duration,
+                       max_eject_for=self.duration,
+                       max_ejected=lambda v, _: float(v.rstrip("%")) if isinstance(v, str) else float(v))
+        return OutlierPolicy(**kw)
 
     def health_check(self, d: dict, sub: Path) -> HealthCheck:
         return HealthCheck(**self.pick(d, sub, path=_same, interval=self.duration, timeout=self.duration,
@@ -193,17 +221,30 @@ class _Builder(Checker):
         return tuple(out)
 
     def route(self, name: str, d: dict, line: int) -> Route:
-        kw = self.pick(d, (), match=self.match, upstream=self.upstream_ref, timeout=self.duration,
+        kw = self.pick(d, (), match=self.match, upstream=self.upstream_ref, split=self.split, timeout=self.duration,
                        per_try_timeout=self.optional_duration, retry=self.retry, breaker=self.breaker,
                        concurrency=self.concurrency, hedge=self.hedge, cache=self.cache,
                        fallback=self.fallback, queue=self.queue, mode=_same, fault=self.fault,
                        rate_limit=self.rate_limit, allow_internal=_same)
         route = Route(name=name, line=line, **kw)
+        if route.split and route.upstream is not None:
+            self.fail(("split",), f"route '{name}': give either upstream or split, not both")
         if route.fallback and route.cache is None:
             for i, target in enumerate(route.fallback.targets):
                 if target.kind == "cache":
                     self.fail(("fallback", "targets", i), "a {cache: stale} target needs a cache on the route")
         return route
+
+    def split(self, items: list, sub: Path) -> tuple[SplitTarget, ...]:
+        out = tuple(SplitTarget(upstream=self.upstream_ref(t["upstream"], sub + (i, "upstream")),
+                                weight=int(t["weight"])) for i, t in enumerate(items))
+        if out and sum(t.weight for t in out) <= 0:
+            self.fail(sub, "a split needs at least one weight above 0")
+        names = [t.upstream for t in out]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                self.fail(sub + (i, "upstream"), f"upstream '{n}' is listed twice in the split")
+        return out
 
     def match(self, d: dict, sub: Path) -> Match:
         host = d.get("host")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from sidecar.policy.model import (
-    BreakerPolicy, CachePolicy, Conditions, FallbackPolicy, FallbackTarget, FaultPolicy, Match, Policy,
+    BreakerPolicy, CachePolicy, Conditions, FallbackPolicy, FallbackTarget, FaultPolicy, Match, OutlierPolicy, Policy,
     RetryPolicy, Rewrite, Route, StaticResponse, Upstream,
 )
 from sidecar.policy.units import format_duration as _d, format_size as _size
@@ -63,7 +63,15 @@ def scrub(data: object, secrets: tuple[str, ...]) -> object:
 
 
 def upstream_data(u: Upstream, *, redact: bool) -> dict:
-    out: dict = {"url": u.url, "connect_timeout": _d(u.connect_timeout), "max_connections": u.max_connections}
+    out: dict = {}
+    if u.endpoints:
+        out["endpoints"] = [_drop_empty({"url": e.url, "weight": e.weight,
+                                         "headers": {k: REDACTED if redact else v for k, v in e.headers}})
+                            for e in u.endpoints]
+    else:
+        out["url"] = u.url
+    out["connect_timeout"] = _d(u.connect_timeout)
+    out["max_connections"] = u.max_connections
     if u.headers:
         out["headers"] = {k: REDACTED if redact else v for k, v in u.headers}
     if u.health_check:
@@ -71,6 +79,18 @@ def upstream_data(u: Upstream, *, redact: bool) -> dict:
         out["health_check"] = {"path": h.path, "interval": _d(h.interval), "timeout": _d(h.timeout),
                                "unhealthy_after": h.unhealthy_after, "healthy_after": h.healthy_after}
     out["tls"] = _drop_none({"ca_file": u.tls.ca_file, "verify": u.tls.verify, "server_name": u.tls.server_name})
+    # Balancing keys only where they mean something: a balanced upstream, or a value someone wrote.
+    if u.discovery == "dns":
+        out["discovery"] = u.discovery
+        out["refresh"] = _d(u.refresh)
+    if u.resolver:
+        out["resolver"] = {"servers": list(u.resolver)}
+    if u.balanced or u.balance != "ewma":
+        out["balance"] = u.balance
+    o = u.outlier
+    if u.balanced or o != OutlierPolicy():
+        out["outlier"] = {"consecutive_failures": o.consecutive_failures, "eject_for": _d(o.eject_for),
+                          "max_eject_for": _d(o.max_eject_for), "max_ejected": f"{_num(o.max_ejected)}%"}
     return out
 
 
@@ -87,6 +107,8 @@ def route_data(r: Route, *, identity: bool = True, nulls: bool = False) -> dict:
             out["match"] = match
         if r.upstream is not None:
             out["upstream"] = r.upstream
+        if r.split:
+            out["split"] = [{"upstream": t.upstream, "weight": t.weight} for t in r.split]
     out["timeout"] = _d(r.timeout)
     if r.per_try_timeout is not None or nulls:
         out["per_try_timeout"] = None if r.per_try_timeout is None else _d(r.per_try_timeout)

@@ -19,7 +19,8 @@ from sidecar.policy.dump import route_data, scrub
 from sidecar.policy.errors import PolicyError
 from sidecar.policy.load import load_policy
 from sidecar.policy.match import Router
-from sidecar.policy.model import Policy, Route
+from sidecar.policy.model import Policy, Route, Upstream
+from sidecar.policy.units import format_duration
 
 
 def explain_command(policy_path: str, method: str, url: str, header_strings: list[str]) -> int:
@@ -81,9 +82,24 @@ def explain(policy: Policy, route: Route | None, scheme: str, authority: str) ->
         out["line"] = route.line
     upstream = policy.upstreams.get(route.upstream) if route.upstream else None
     out["upstream"] = route.upstream
-    out["destination"] = upstream.url if upstream else _origin(scheme, authority)
+    if route.split:
+        out["split"] = [{"upstream": t.upstream, "weight": t.weight,
+                         "destination": _destination(policy.upstreams[t.upstream])} for t in route.split]
+    else:
+        out["destination"] = _destination(upstream) if upstream else _origin(scheme, authority)
+    if upstream is not None and upstream.balanced:
+        out["balance"] = upstream.balance
     out["policy"] = route_data(route, identity=False)
     return scrub(out, policy.secrets)               # type: ignore[return-value]
+
+
+def _destination(up: Upstream) -> str | list[dict]:
+    """Where an upstream's requests go: its url, its listed endpoints, or what DNS will say."""
+    if up.discovery == "dns":
+        return f"{up.origin} (every A/AAAA record of {up.host}, re-resolved every {format_duration(up.refresh)})"
+    if up.endpoints:
+        return [{"url": e.url, "weight": e.weight} for e in up.endpoints]
+    return up.url
 
 
 def _origin(scheme: str, authority: str) -> str | None:

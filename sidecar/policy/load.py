@@ -201,7 +201,9 @@ def _explain(err: jsonschema.ValidationError) -> Iterator[tuple[tuple, bool, str
     elif kind == "anyOf" and isinstance(err.instance, dict):
         # A mapping where a scalar or a mapping was allowed: the mapping branch's errors say more.
         deeper = [e for e in err.context if e.validator not in ("type", "enum", "const", "pattern")]
-        if deeper:
+        if deeper and all(e.validator == "required" for e in deeper) and "errorMessage" in schema:
+            yield path, False, f"{prefix}{schema['errorMessage']}"   # one of several keys is missing
+        elif deeper:
             for e in deeper:
                 yield from _explain(e)
         else:

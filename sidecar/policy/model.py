@@ -118,22 +118,59 @@ class OutlierPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamEndpoint:
+    """One listed endpoint of an upstream (`endpoints: [{url, weight, headers}]`)."""
+    url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str = ""
+    weight: int = 1
+    headers: tuple[tuple[str, str], ...] = ()   # merged over the upstream's (values may be secrets)
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+Discovery = Literal["none", "dns"]
+Balance = Literal["ewma", "least-request", "round-robin", "random"]
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
-    url: str                             # as written, ${VAR} expanded
+    url: str                             # as written, ${VAR} expanded (listed endpoints: the first one's)
     scheme: str                          # http | https
     host: str
     port: int
     base_path: str = ""                  # path prefix of `url`, without trailing slash
     connect_timeout: float = 2.0
-    max_connections: int = 100
+    max_connections: int = 100           # per endpoint
     headers: tuple[tuple[str, str], ...] = ()   # set on every request to this upstream (values may be secrets)
     health_check: HealthCheck | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
+    endpoints: tuple[UpstreamEndpoint, ...] = ()   # listed endpoints; empty: `url` is the one endpoint
+    discovery: Discovery = "none"        # dns: every A/AAAA record of `host`, re-resolved every `refresh`
+    refresh: float = 5.0
+    resolver: tuple[str, ...] = ()       # DNS servers ("ip" or "ip:port"); empty: the system's
+    balance: Balance = "ewma"
+    outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
 
     @property
     def origin(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def balanced(self) -> bool:
+        """Several endpoints (or as many as DNS says): balanced per request. Else today's single path."""
+        return self.discovery == "dns" or len(self.endpoints) > 1
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTarget:
+    upstream: str
+    weight: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +354,7 @@ class Route:
     name: str
     match: Match = Match()
     upstream: str | None = None            # None: the request's original destination
+    split: tuple[SplitTarget, ...] = ()    # instead of `upstream`: a weighted traffic split
     timeout: float = 15.0
     per_try_timeout: float | None = None
     retry: RetryPolicy | None = None

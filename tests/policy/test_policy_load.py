@@ -16,7 +16,7 @@ from sidecar.policy.model import OUTCOME_NAMES, JsonCondition, RetryPolicy
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
 SPEC_EXAMPLE = HERE / "spec-example.yaml"
-SPEC_ENV = {"BACKUP_LLM_KEY": "sk-backup-123"}
+SPEC_ENV = {"BACKUP_LLM_KEY": "sk-backup-123", "AZ_EAST_KEY": "az-east-456", "AZ_WEST_KEY": "az-west-789"}
 
 
 def write(tmp_path: Path, text: str, name: str = "policy.yaml") -> str:
@@ -56,8 +56,17 @@ def test_spec_example_loads_every_key():
     assert json.loads(static.body) == {"error": "degraded", "message": "Try again shortly"}
     assert static.content_type == "application/json"
     assert chat.queue.max_age == 86400 and chat.fault.abort.percent == 10
-    assert chat.rate_limit.burst == 20 and chat.line == 28
+    assert chat.rate_limit.burst == 20 and chat.line == 43
     assert policy.upstreams["openai"].health_check.path == "/v1/models"
+    orders = policy.upstreams["orders"]
+    assert (orders.discovery, orders.refresh, orders.balance, orders.balanced) == ("dns", 5, "ewma", True)
+    assert (orders.outlier.consecutive_failures, orders.outlier.eject_for, orders.outlier.max_eject_for,
+            orders.outlier.max_ejected) == (5, 30, 300, 50)
+    azure = policy.upstreams["azure-gpt4o"]
+    assert [(e.host, e.weight, e.headers) for e in azure.endpoints] == [
+        ("eastus.example.openai.azure.com", 2, (("api-key", "az-east-456"),)),
+        ("westeu.example.openai.azure.com", 1, (("api-key", "az-west-789"),))]
+    assert azure.url == "https://eastus.example.openai.azure.com" and azure.balanced
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "policies").glob("*.yaml")), ids=lambda p: p.name)
