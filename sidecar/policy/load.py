@@ -201,7 +201,7 @@ def _explain(err: jsonschema.ValidationError) -> Iterator[tuple[tuple, bool, str
     elif kind == "anyOf" and isinstance(err.instance, dict):
         # A mapping where a scalar or a mapping was allowed: the mapping branch's errors say more.
         deeper = [e for e in err.context if e.validator not in ("type", "enum", "const", "pattern")]
-        if deeper and all(e.validator == "required" for e in deeper) and "errorMessage" in schema:
+        if "errorMessage" in schema and all(list(alt) == ["required"] for alt in schema.get("anyOf", [None])):
             yield path, False, f"{prefix}{schema['errorMessage']}"   # one of several keys is missing
         elif deeper:
             for e in deeper:
