@@ -18,7 +18,7 @@ import asyncio
 import functools
 import ssl
 from dataclasses import dataclass
-from typing import AsyncIterable
+from typing import AsyncIterable, Iterable
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -196,13 +196,22 @@ class Transport:
             out[name] = pool.stats()
         return out
 
-    async def retain(self, upstreams: dict[str, Upstream]) -> None:
-        """After a reload: close pools no upstream uses any more (idle connections only linger)."""
+    async def retain(self, upstreams: dict[str, Upstream], endpoints: Iterable = ()) -> None:
+        """After a reload: close pools no upstream (or balanced upstream's endpoint) uses any more."""
         self._keys.clear()                   # the old policy's Upstream records are gone
         keep = {_key(u) for u in upstreams.values()} | {_key(None), _key(None, guarded=True)}
+        keep |= {_key(t) for t in endpoints}
         for key in [k for k in self._pools if k not in keep]:
             pool = self._pools.pop(key)
             asyncio.get_running_loop().call_later(60, pool.close)
+
+    def retire(self, target, after: float) -> None:
+        """An endpoint left its upstream's set: its pool takes no new request and closes after `after`
+        seconds, so requests in flight on it finish (a connection released after that is closed)."""
+        self._keys.pop(id(target), None)
+        pool = self._pools.pop(_key(target), None)
+        if pool is not None:
+            asyncio.get_running_loop().call_later(after, pool.close)
 
     async def close(self) -> None:
         for pool in self._pools.values():

@@ -1,0 +1,105 @@
+"""Balance layer: each try to a balanced upstream goes to one endpoint, chosen per try.
+
+Sits under retry and hedge and over the breaker, so every retry or hedged try picks again -- an endpoint
+this request has not tried yet when there is one (Envoy's previous_hosts) -- and the breaker sees which
+endpoint a failure came from. What each answer teaches goes back to the endpoint set: latency and
+in-flight for the balancer, failures for outlier ejection, a 429's Retry-After for that endpoint's
+cooldown. An upstream with a single endpoint passes straight through.
+"""
+from __future__ import annotations
+
+from sidecar.core.decisions import Decision
+from sidecar.core.endpoints import EndpointEvent
+from sidecar.core.retry import parse_retry_after
+from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+from sidecar.transport.errors import UpstreamFailure
+
+
+async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
+    up = call.upstream
+    if up is None or not up.balanced:
+        return await next(ex, call)
+    runtime = ex.runtime
+    group = runtime.endpoints.get(up.name)
+    if group is None:
+        return await next(ex, call)
+    eset = group.set
+    clock = runtime.clock
+    if not eset.endpoints and group.ready is not None and not group.ready.is_set():
+        await _first_answer(ex, group)
+    if not eset.endpoints:
+        raise UpstreamFailure("connect-failure", f"no endpoints known for {up.name} (DNS gave none yet)")
+    now = clock.monotonic()
+    tried = call.tried
+    pick = eset.pick(now, runtime.rng, tried or ())
+    for event in pick.restored:
+        runtime.endpoints.background(up.name, event, ex.record.policy_version)
+    if pick.none_usable:
+        ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint is ejected or failing its health check",
+                  upstream=up.name)
+    if pick.panic:
+        ex.decide(Decision.BALANCER_PANIC,
+                  f"more than {up.outlier.max_ejected:g}% of {len(eset)} endpoints out: balancing over all",
+                  upstream=up.name)
+    ep = pick.endpoint
+    if ep is None:
+        wait = max(0.001, (pick.cooled_until or now) - now)
+        ex.decide(Decision.ENDPOINT_COOLDOWN, f"every endpoint is cooling down for another {wait:.1f}s",
+                  upstream=up.name)
+        raise Degraded("rate-limited", f"every endpoint of {up.name} is rate limited", status=429,
+                       retry_after=wait, upstream=up.name)
+    target = ep.target
+    headers = call.headers.copy()
+    headers["Host"] = target.host_header
+    for key, value in target.headers:
+        headers[key] = value
+    path_qs = call.url.raw_path_qs[len(up.base_path):] or "/"
+    attempt = Call(upstream=target, name=call.name, method=call.method, url=target.url(path_qs), headers=headers,
+                   body=call.body, server_hostname=target.server_hostname, fallback_target=call.fallback_target,
+                   tries=call.tries, endpoint=ep)
+    call.tries += 1                      # the resend count the next try of this target reports
+    if tried is None:
+        call.tried = {ep.key}
+    else:
+        tried.add(ep.key)
+    eset.start(ep)
+    started = now
+    try:
+        reply = await next(ex, attempt)
+    except UpstreamFailure:
+        _note(ex, up.name, eset.finish(ep, False, None, clock.monotonic()))
+        raise
+    except BaseException:
+        eset.finish(ep, None, None, clock.monotonic())
+        raise
+    now = clock.monotonic()
+    status = reply.status
+    reply.endpoint = ep.key
+    if status >= 500:
+        _note(ex, up.name, eset.finish(ep, False, now - started, now))
+    elif status == 429:
+        eset.finish(ep, None, now - started, now)
+        header = reply.headers.get("retry-after")
+        hinted = parse_retry_after(header, clock.time()) if header else None
+        if hinted is not None and hinted > 0:
+            _note(ex, up.name, eset.cool_down(ep, hinted, now))
+            # Retry-After speaks for this endpoint alone: a retry may go to another one at once.
+            reply.elsewhere = eset.others_ready(ep, now)
+    else:
+        eset.finish(ep, True, now - started, now)
+    return reply
+
+
+def _note(ex: Exchange, upstream: str, event: EndpointEvent | None) -> None:
+    if event is not None:
+        ex.decide(event.decision, f"{event.endpoint}: {event.reason}", upstream=upstream)
+
+
+async def _first_answer(ex: Exchange, group) -> None:
+    """A just-started sidecar: wait (within the request's time) for DNS to name the endpoints."""
+    import asyncio
+    try:
+        async with asyncio.timeout(max(0.0, ex.remaining())):
+            await group.ready.wait()
+    except TimeoutError:
+        pass
