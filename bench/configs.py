@@ -178,7 +178,9 @@ routes:
 
 
 def nginx_scenario(d: Path, port: int, primary: list[int], backup: int) -> Path:
-    servers = "\n".join(f"        server 127.0.0.1:{p};" for p in primary)
+    # max_fails: a replica with 3 failed tries (errors, timeouts, 5xx per proxy_next_upstream) within
+    # fail_timeout is taken out for fail_timeout: nginx's passive health check, the sidecar's outlier.
+    servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=3 fail_timeout=30s;" for p in primary)
     conf = d / "nginx-scenario.conf"
     conf.write_text(_nginx_common(d) + f"""
 http {{
@@ -253,8 +255,9 @@ def sidecar_scenario(d: Path, port: int, admin: int, health: int, primary: list[
     conf = d / "sidecar-scenario.yaml"
     conf.write_text(_sidecar_head(d, port, admin, health, None) + f"""
 upstreams:
-  primary:
-    url: "http://127.0.0.1:{primary[0]}"
+  primary:                          # the replicas nginx and HAProxy balance over, one endpoint each
+    endpoints: [{", ".join(f'{{url: "http://127.0.0.1:{p}"}}' for p in primary)}]
+    outlier: {{consecutive_failures: 3, eject_for: 30s}}
     connect_timeout: 1s
     max_connections: 512
     health_check: {{path: /health, interval: 500ms, timeout: 500ms, unhealthy_after: 2, healthy_after: 2}}

@@ -200,11 +200,12 @@ def scenario_table(s: Outcomes) -> str:
             m = lambda k: median([r[k] for r in runs])  # noqa: E731
             rows.append([SCENARIOS[sc][0], LABELS.get(name, name), f"{m('success'):.2%}", _f(m("p50")),
                          _f(m("p99")), f"{m('amp'):.2f}x",
-                         f"{median([r['primary'] for r in runs]):.0f} / {median([r['backup'] for r in runs]):.0f}"])
+                         f"{median([r['primary'] for r in runs]):.0f} / {median([r['backup'] for r in runs]):.0f}",
+                         f"{median([r.get('bad_share', 0.0) for r in runs]):.2%}" if sc == "replica" else ""])
     return (f"### Resilience outcomes ({s.plan.rate}/s for {s.plan.duration:g} s after {s.plan.warmup:g} s "
             f"warm-up, medians of {s.plan.rounds} rounds)\n\n"
-            + table(["scenario", "system", "success", "p50 ms", "p99 ms", "upstream load", "primary / backup"],
-                    rows))
+            + table(["scenario", "system", "success", "p50 ms", "p99 ms", "upstream load", "primary / backup",
+                     "to the bad replica"], rows))
 
 
 # --- plots -------------------------------------------------------------------------------------

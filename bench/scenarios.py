@@ -14,6 +14,9 @@ per client request.
     4 failing      primary answers every request with 503 (retry storm), backup healthy
     5 cache        primary and backup down, after the cache was warmed (entries expired: only
                    stale-on-error answers can succeed)
+    6 replica      one of the three primary replicas answers every request with 503 (nginx: `max_fails`,
+                   HAProxy: `observe layer7` + checks, the sidecar: outlier ejection); `bad share` is the
+                   share of upstream requests that reached the bad replica
 """
 from __future__ import annotations
 
@@ -38,8 +41,9 @@ SCENARIOS = {
     "slow": ("3 5% of answers take 2 s", {"primary": {"slow": 0.05, "slow_ms": 2000}, "backup": {}}),
     "failing": ("4 primary 100% 503", {"primary": {"fail": 1.0}, "backup": {}}),
     "cache": ("5 all down, warm cache", {"primary": {"down": 1}, "backup": {"down": 1}}),
+    "replica": ("6 one of 3 replicas 503", {"primary": {"bad": 1}, "backup": {}}),
 }
-RESET = {"fail": 0, "slow": 0, "down": 0}
+RESET = {"fail": 0, "slow": 0, "down": 0, "bad": -1}
 
 
 @dataclass
@@ -56,7 +60,7 @@ FULL = Plan(rounds=2, rate=200, duration=6, warmup=1, scenarios=tuple(SCENARIOS)
             systems=("direct", "nginx", "haproxy", "sidecar"))
 QUICK = Plan(rounds=1, rate=100, duration=2, warmup=0.5, scenarios=tuple(SCENARIOS),
              systems=("direct", "nginx", "haproxy", "sidecar"))
-SMOKE = Plan(rounds=1, rate=50, duration=0.5, warmup=0.2, scenarios=("healthy", "flaky"),
+SMOKE = Plan(rounds=1, rate=50, duration=0.5, warmup=0.2, scenarios=("healthy", "flaky", "replica"),
              systems=("direct", "sidecar"))
 
 
@@ -86,7 +90,8 @@ def run(plan: Plan, tmp: Path, log) -> Outcomes:
                     res = _one(name, scenario, plan, tmp, primary, backup, control, sut_cpu, cache)
                     out.runs.setdefault(scenario, {}).setdefault(name, []).append(res)
                     log(f"    {SCENARIOS[scenario][0]:28} {name:8} success {res['success'] * 100:6.2f}%  "
-                        f"p50 {_ms(res['p50'])} p99 {_ms(res['p99'])} ms  amplification {res['amp']:.2f}x")
+                        f"p50 {_ms(res['p50'])} p99 {_ms(res['p99'])} ms  amplification {res['amp']:.2f}x"
+                        + (f"  bad share {res['bad_share'] * 100:.2f}%" if scenario == "replica" else ""))
     finally:
         upstream.stop()
     return out
@@ -138,8 +143,10 @@ def _one(name: str, scenario: str, plan: Plan, tmp: Path, primary: list[int], ba
         for role in ("primary", "backup"):
             upstream_mode(control, role, **RESET)
     upstream_load = sum(after[r] - before[r] for r in ("primary", "backup"))
+    bad = after.get("bad", 0) - before.get("bad", 0)
     s = res.summary()
     return {"success": res.ok / res.sent if res.sent else 0.0, "p50": s["p50"], "p99": s["p99"],
             "p999": s["p999"], "amp": upstream_load / res.sent if res.sent else 0.0, "sent": res.sent,
             "ok": res.ok, "errors": res.errors, "primary": after["primary"] - before["primary"],
-            "backup": after["backup"] - before["backup"], "statuses": s["statuses"]}
+            "backup": after["backup"] - before["backup"], "statuses": s["statuses"],
+            "bad_share": bad / upstream_load if upstream_load else 0.0}

@@ -8,7 +8,8 @@
               GET /reset        zero the counters
 
 `fail` answers that share of requests with 503, `slow` delays that share by `slow_ms`, `down` closes the
-role's listening sockets (connection refused) until it is set back to 0. Decisions come from a seeded
+role's listening sockets (connection refused) until it is set back to 0, `bad=N` makes the role's N-th
+port (from 0; -1 for none) answer every request and health check with 503 (one bad replica of three). Decisions come from a seeded
 RNG so every system meets the same sequence of faults. `/health` answers 503 only when the role fails
 every request, so active health checks (HAProxy, the sidecar) see what a real probe would.
 
@@ -38,7 +39,9 @@ class Role:
         self.fail = 0.0
         self.slow = 0.0
         self.slow_ms = 2000
+        self.bad = -1                       # index of the port that fails everything; -1: none
         self.served = 0
+        self.served_bad = 0
         self.rng = random.Random(seed)
         self.runners: list[web.AppRunner] = []
 
@@ -48,13 +51,23 @@ class Role:
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
+    def _on_bad(self, request: web.Request) -> bool:
+        if self.bad < 0:
+            return False
+        sock = request.transport.get_extra_info("sockname") if request.transport else None
+        return sock is not None and self.bad < len(self.ports) and sock[1] == self.ports[self.bad]
+
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=503 if self.fail >= 1.0 else 200, text="ok\n")
+        failing = self.fail >= 1.0 or self._on_bad(request)
+        return web.Response(status=503 if failing else 200, text="ok\n")
 
     async def handle(self, request: web.Request) -> web.Response:
         self.served += 1
         if request.can_read_body:
             await request.read()
+        if self._on_bad(request):
+            self.served_bad += 1
+            return web.Response(status=503, body=b'{"error":"bad replica"}\n', headers=HEADERS)
         if self.slow and self.rng.random() < self.slow:
             await asyncio.sleep(self.slow_ms / 1000)
         if self.fail and (self.fail >= 1.0 or self.rng.random() < self.fail):
@@ -86,16 +99,19 @@ async def serve(primary: list[int], backup: int, control: int, seed: int = 7) ->
         role.fail = float(q.get("fail", role.fail))
         role.slow = float(q.get("slow", role.slow))
         role.slow_ms = int(q.get("slow_ms", role.slow_ms))
+        role.bad = int(q.get("bad", role.bad))
         if "down" in q:
             await (role.down() if q["down"] == "1" else role.up())
         return web.json_response({"fail": role.fail, "slow": role.slow, "down": not role.runners})
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({name: r.served for name, r in roles.items()})
+        out = {name: r.served for name, r in roles.items()}
+        out["bad"] = roles["primary"].served_bad
+        return web.json_response(out)
 
     async def reset(request: web.Request) -> web.Response:
         for r in roles.values():
-            r.served = 0
+            r.served = r.served_bad = 0
         return web.json_response({})
 
     ctl = web.Application()

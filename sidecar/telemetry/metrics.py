@@ -49,6 +49,9 @@ BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "half-open": 1.0, "open": 2.0}
 OTHER = "other"
 LOCAL_SOURCES = frozenset({"cache", "static", "queue", "fault"})
+ENDPOINT_STATES = ("active", "ejected", "unhealthy", "cooldown")   # core.endpoints.STATES
+MAX_ENDPOINT_LABELS = 256        # endpoint label values per upstream (DNS churn); then "other"
+MAX_ENDPOINT_SERIES = 4096       # endpoint rows in sidecar_endpoint_state
 
 
 class _Capped:
@@ -101,6 +104,14 @@ class Metrics:
         self._upstream = _Capped(max_label_values)
         self._model = _Capped(max_models)
         self._decision_children: dict[tuple[str, str], object] = {}
+        self._endpoints: dict[str, _Capped] = {}
+
+    def _endpoint(self, upstream: str, endpoint: str) -> str:
+        """Endpoint labels are bounded per upstream: DNS churn cannot grow the series without limit."""
+        capped = self._endpoints.get(upstream)
+        if capped is None:
+            capped = self._endpoints[upstream] = _Capped(MAX_ENDPOINT_LABELS)
+        return capped(endpoint)
 
     # -- TelemetrySink ---------------------------------------------------------------------------
 
@@ -128,6 +139,9 @@ class Metrics:
             upstream = self._upstream(t.upstream)
             tkey = (route, upstream, code)
             hot.tries[tkey] = hot.tries.get(tkey, 0) + 1
+            if t.endpoint is not None:
+                ekey = (upstream, self._endpoint(t.upstream, t.endpoint), code)
+                hot.endpoint_tries[ekey] = hot.endpoint_tries.get(ekey, 0) + 1
             if t.end_ns:
                 hkey = (route, upstream)
                 hist = hot.try_durations.get(hkey)
@@ -302,6 +316,7 @@ class _HotPath:
         self.llm_tokens: dict[tuple[str, str, str, str], int] = {}
         self.llm_cost: dict[tuple[str, str, str], float] = {}
         self.llm_ttft: dict[tuple[str, str, str], _Histogram] = {}
+        self.endpoint_tries: dict[tuple[str, str, object], int] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -343,7 +358,12 @@ class _HotPath:
             labels=["route", "source"])
         for (route, source), n in list(self.answers.items()):
             answers.add_metric([route, source], n)
-        families = [requests, duration, tries, try_duration, answers, relayed, relayed_bytes]
+        endpoint_tries = CounterMetricFamily(
+            "sidecar_endpoint_requests", "Tries to each endpoint of a balanced upstream, by upstream, "
+            "endpoint (host:port) and status code or failure.", labels=["upstream", "endpoint", "code"])
+        for (upstream, endpoint, code), n in list(self.endpoint_tries.items()):
+            endpoint_tries.add_metric([upstream, endpoint, str(code)], n)
+        families = [requests, duration, tries, try_duration, answers, relayed, relayed_bytes, endpoint_tries]
         if self.llm_requests:
             families.extend(self._llm_families())
         return families
@@ -410,7 +430,13 @@ class _LiveState:
         for b in state.get("budgets", ()):
             if b.get("remaining") is not None:
                 budgets.add_metric([str(b.get("route", ""))], float(b["remaining"]))
-        families: list[Metric] = [breakers, budgets]
+        endpoints = GaugeMetricFamily(
+            "sidecar_endpoint_state", "Each endpoint of a balanced upstream: 1 for its current state "
+            "(active, ejected, unhealthy, cooldown), 0 for the others.", labels=["upstream", "endpoint", "state"])
+        for e in state.get("endpoints", ())[:MAX_ENDPOINT_SERIES]:
+            for name in ENDPOINT_STATES:
+                endpoints.add_metric([str(e["upstream"]), str(e["endpoint"]), name], 1.0 if e["state"] == name else 0.0)
+        families: list[Metric] = [breakers, budgets, endpoints]
         for name, key, doc in (
             ("sidecar_cache_entries", "cache_entries", "Entries in the response cache."),
             ("sidecar_queue_depth", "queue_depth", "Writes waiting in the store-and-forward queue."),

@@ -32,6 +32,7 @@ class TryRecord:
     error_type: str | None = None          # connect-failure | reset | timeout | protocol-error | 5xx code
     fallback_target: str | None = None     # set for calls made by the fallback chain
     llm: "LlmCall | None" = None           # an LLM API call: model, usage, finish reasons (sidecar/llm)
+    endpoint: str | None = None            # host:port of the endpoint, for a balanced upstream
 
 
 @dataclass(slots=True)
