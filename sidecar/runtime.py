@@ -30,6 +30,7 @@ from sidecar.proxy.server import ListenerHandler, replay_limit
 from sidecar.telemetry.records import FanoutSink
 from sidecar.telemetry.redact import install_log_redaction
 from sidecar.transport.client import Transport
+from sidecar.transport.endpoints import EndpointRegistry
 
 log = logging.getLogger("sidecar")
 
@@ -39,14 +40,16 @@ SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
 
 class Generation:
     __slots__ = ("policy", "router", "states", "handlers", "replay_limits", "transport", "sink", "clock",
-                 "rng", "sleep", "health", "queue", "own_ports", "head_sampler", "relays")
+                 "rng", "sleep", "health", "queue", "own_ports", "head_sampler", "relays",
+                 "endpoints")
 
     def __init__(self, policy: Policy, runtime: "Runtime") -> None:
         self.policy = policy
         self.router = Router(policy)
         routes = [*policy.routes, policy.defaults]
         self.states = runtime.registry.bind(routes)
-        self.handlers = {r.name: build(r) for r in routes}
+        balanced = any(u.balanced for u in policy.upstreams.values())
+        self.handlers = {r.name: build(r, balanced) for r in routes}
         self.replay_limits = {r.name: replay_limit(r) for r in routes}
         for route in routes:
             if route.cache is not None:
@@ -61,6 +64,7 @@ class Generation:
         self.own_ports = {lst.port for lst in policy.listeners} | {policy.admin.port, policy.health.port}
         self.head_sampler = runtime.head_sampler
         self.relays = runtime.relays
+        self.endpoints = runtime.endpoints   # balanced upstreams' endpoint sets (transport/endpoints.py)
 
     def policy_upstream(self, name: str):
         return self.policy.upstreams[name]
@@ -78,6 +82,8 @@ class Runtime:
         self.queue = queue                   # sidecar.queue.DurableQueue, when a route has `queue:`
         self.relays = Relays()               # tunnels, upgrades, passthrough: SIGTERM reaches them here
         self.sink = FanoutSink(list(sinks or []))
+        self.endpoints = EndpointRegistry(self.transport, self.sink, clock)
+        self.endpoints.sync(policy.upstreams)
         # The `sampled` flag sent upstream: the trace exporter's head decision, or "not sampled".
         samplers = [s.samples for s in self.sink.sinks if hasattr(s, "samples")]
         self.head_sampler = samplers[0] if samplers else _never_sampled
@@ -115,6 +121,7 @@ class Runtime:
             server, srv = await self._bind(listener, reuse_port)
             self._servers[listener.name] = (listener, server, srv)
         self._sync_health_checks()
+        self.endpoints.start()
         self.ready = True
 
     def bound_port(self, name: str) -> int:
@@ -194,7 +201,8 @@ class Runtime:
                 raise PolicyError([Problem(path, 1, 1, f"policy could not be applied: {exc!r}")]) from exc
             self._commit_listeners(policy, opened)
             self.gen = gen
-            await self.transport.retain(policy.upstreams)
+            self.endpoints.sync(policy.upstreams)   # sets kept by upstream name, endpoints by address
+            await self.transport.retain(policy.upstreams, self.endpoints.targets())
             self._sync_health_checks()
         except PolicyError as exc:
             message = "; ".join(str(p) for p in exc.problems)
@@ -221,7 +229,9 @@ class Runtime:
 
     # -- active health checks ----------------------------------------------------------------------
     def _sync_health_checks(self) -> None:
-        wanted = {name: up for name, up in self.policy.upstreams.items() if up.health_check is not None}
+        # A balanced upstream's checks run per endpoint (transport/endpoints.py), not here.
+        wanted = {name: up for name, up in self.policy.upstreams.items()
+                  if up.health_check is not None and not up.balanced}
         for name in [n for n in self._health_tasks if n not in wanted]:
             self._health_tasks.pop(name).cancel()
             self.health.pop(name, None)
@@ -276,6 +286,7 @@ class Runtime:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "routes": routes,
             "upstreams": {name: {"healthy": h.healthy} for name, h in self.health.items()},
+            "endpoints": self.endpoints.status(),
             "connection_pools": self.transport.stats(),
             "queue": self.queue.stats() if self.queue is not None else None,
             "listeners": [{"name": lst.name, "mode": lst.mode, "bind": lst.bind, "port": lst.port}
@@ -295,7 +306,9 @@ class Runtime:
             if cache is not None:
                 cache_entries += cache.entries()
         queue = self.queue.stats() if self.queue is not None else {}
-        return {"breakers": breakers, "budgets": budgets, "cache_entries": cache_entries,
+        endpoints = [{"upstream": name, "endpoint": e["endpoint"], "state": e["state"]}
+                     for name, doc in self.endpoints.status().items() for e in doc["endpoints"]]
+        return {"breakers": breakers, "budgets": budgets, "cache_entries": cache_entries, "endpoints": endpoints,
                 "queue_depth": queue.get("depth", 0), "queue_oldest_age": queue.get("oldest_age", 0.0),
                 "policy_version": gen.policy.digest}
 
@@ -312,6 +325,7 @@ class Runtime:
     async def close(self) -> None:
         for task in [*self._tasks, *self._health_tasks.values()]:
             task.cancel()
+        self.endpoints.close()
         for _, server, srv in self._servers.values():
             srv.close()
         self._servers.clear()

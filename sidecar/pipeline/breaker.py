@@ -47,7 +47,10 @@ async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
     try:
         reply = await next(ex, call)
     except UpstreamFailure:
-        note_transition(ex, call.name, breaker.record(False, clock.monotonic() - started))
+        if _outlier_only(ex, call):
+            breaker.release()
+        else:
+            note_transition(ex, call.name, breaker.record(False, clock.monotonic() - started))
         raise
     except BaseException:
         # Cancelled (a losing hedge) or no outcome: not counted, unless it was already slow.
@@ -55,7 +58,10 @@ async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
         raise
     elapsed = clock.monotonic() - started
     if reply.status >= 500:
-        note_transition(ex, call.name, breaker.record(False, elapsed))
+        if _outlier_only(ex, call):
+            breaker.release()
+        else:
+            note_transition(ex, call.name, breaker.record(False, elapsed))
     else:
         def _done(ok: bool | None) -> None:
             if ok is None:
@@ -66,3 +72,11 @@ async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
     return reply
 
 
+def _outlier_only(ex: Exchange, call: Call) -> bool:
+    """A balanced upstream's failure that is one endpoint's, not the upstream's: another endpoint in
+    rotation answered well last. Outlier detection deals with it; the breaker does not count it."""
+    ep = call.endpoint
+    if ep is None:
+        return False
+    group = ex.runtime.endpoints.get(call.name)
+    return group is not None and not group.set.counts_for_breaker(ep)

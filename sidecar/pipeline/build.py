@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 from typing import Awaitable, Callable
 
+from sidecar.pipeline.balance import balance_layer
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.cache import cache_layer
 from sidecar.pipeline.exchange import Call, Exchange, Reply
@@ -21,7 +22,7 @@ from sidecar.policy.model import Route
 Handler = Callable[[Exchange, Call], Awaitable[Reply]]
 
 
-def layers_for(route: Route) -> list:
+def layers_for(route: Route, balanced: bool = False) -> list:
     stack = []
     if route.cache is not None:
         stack.append(cache_layer)         # a fresh hit answers here; misses coalesce; answers are stored
@@ -37,12 +38,15 @@ def layers_for(route: Route) -> list:
         stack.append(retry_layer)            # tries again under the budget, with backoff
     if route.hedge is not None:
         stack.append(hedge_layer)            # a slow try races another
+    if balanced:
+        stack.append(balance_layer)          # a balanced upstream: each try picks an endpoint
     stack.append(breaker_layer)              # per (route, upstream): open rejects; health checks too
     return stack
 
 
-def build(route: Route) -> Handler:
+def build(route: Route, balanced: bool = False) -> Handler:
+    """`balanced`: the policy has an upstream with several endpoints (only then the balance layer)."""
     handler: Handler = send                  # one physical try, with the per-try timeout
-    for layer in reversed(layers_for(route)):
+    for layer in reversed(layers_for(route, balanced)):
         handler = functools.partial(layer, next=handler)
     return handler

@@ -20,6 +20,7 @@ from sidecar.core.decisions import NOT_DEGRADING, Decision, DecisionRecord
 from sidecar.telemetry.records import RequestRecord
 
 if TYPE_CHECKING:
+    from sidecar.core.endpoints import EndpointState
     from sidecar.pipeline.body import RequestBody
     from sidecar.pipeline.state import RouteState
     from sidecar.policy.model import Route, Upstream
@@ -52,6 +53,10 @@ class Call:
     server_hostname: str | None = None
     fallback_target: str | None = None     # label of the fallback target, for traces
     tries: int = 0                         # tries sent to this target so far (resend count)
+    # A balanced upstream (pipeline/balance.py): each try is a Call of its own to one endpoint, and
+    # the target's Call remembers which endpoints this request tried (Envoy's previous_hosts).
+    endpoint: "EndpointState | None" = None
+    tried: set[str] | None = None
 
 
 @dataclass(slots=True)
@@ -66,6 +71,8 @@ class Reply:
     # reply was discarded unsent (a retried or losing answer: no verdict on the upstream).
     on_done: list[Callable[[bool | None], None]] = field(default_factory=list)
     release_cb: Callable[[], None] | None = None
+    endpoint: str | None = None            # host:port that answered, for a balanced upstream
+    elsewhere: bool = False                # a 429 whose Retry-After binds only the endpoint that sent it
 
     def release(self) -> None:
         """Discard this reply without sending it (a retried or losing answer): free its connection."""

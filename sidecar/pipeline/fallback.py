@@ -17,6 +17,7 @@ import json
 from multidict import CIMultiDict
 
 from sidecar.core.decisions import Decision
+from sidecar.pipeline.balance import balance_layer
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.calls import rewritten_call
 from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
@@ -25,8 +26,9 @@ from sidecar.pipeline.send import send
 from sidecar.policy.model import Conditions, FallbackTarget
 from sidecar.transport.errors import UpstreamFailure
 
-# A fallback upstream is called once, through its own breaker (so a dead fallback is skipped fast).
-target_stack = functools.partial(breaker_layer, next=send)
+# A fallback upstream is called once, through its own breaker (so a dead fallback is skipped fast),
+# to one of its endpoints when it has several.
+target_stack = functools.partial(balance_layer, next=functools.partial(breaker_layer, next=send))
 
 FAILURE_STATUS = {"connect-failure": 503, "reset": 503, "timeout": 504, "protocol-error": 502}
 

@@ -46,7 +46,7 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
         if backoff is None:
             backoff = Backoff(policy.backoff, runtime.rng)
         delay = backoff.next_delay()
-        if reply is not None and policy.respect_retry_after:
+        if reply is not None and policy.respect_retry_after and not reply.elsewhere:
             header = reply.headers.get("retry-after")
             hinted = parse_retry_after(header, runtime.clock.time()) if header else None
             if hinted is not None:

@@ -33,7 +33,8 @@ async def send(ex: Exchange, call: Call) -> Reply:
     url = call.url
     rec = TryRecord(span_id=new_span_id(), upstream=call.name, method=call.method, url=redact_url(url),
                     server_address=url.host or "", server_port=url.port or 0, start_ns=time.time_ns(),
-                    resend_count=call.tries, fallback_target=call.fallback_target)
+                    resend_count=call.tries, fallback_target=call.fallback_target,
+                    endpoint=None if call.endpoint is None else call.endpoint.key)
     call.tries += 1
     ex.attempts += 1
     ex.record.tries.append(rec)

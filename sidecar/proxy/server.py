@@ -156,6 +156,8 @@ class ListenerHandler:
                         upstream_name: str | None, connect_to: tuple | None) -> web.StreamResponse:
         state = gen.states[route.name]
         name = route.upstream or upstream_name          # the route's, else the reverse listener's
+        if route.split:                                 # a weighted traffic split: one upstream per request
+            name = split_pick(route.split, gen.rng)
         upstream = gen.policy.upstreams.get(name) if name else None
         if request.body_exists and request.version >= HttpVersion11 \
                 and request.headers.get("expect", "").lower() == "100-continue":
@@ -198,6 +200,8 @@ class ListenerHandler:
         headers["x-sidecar-route"] = ex.route.name
         headers["x-sidecar-upstream"] = reply.upstream
         headers["x-sidecar-attempts"] = str(ex.attempts)
+        if reply.endpoint is not None:
+            headers["x-sidecar-endpoint"] = reply.endpoint
         degraded = ex.degraded_names() if ex.enforce else []   # shadow: the app sees no policy
         if degraded:
             headers["x-sidecar-degraded"] = ",".join(degraded)
@@ -227,6 +231,16 @@ class ListenerHandler:
 
     async def _write_plain(self, request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
         return await _send_reply(request, reply)
+
+
+def split_pick(split, rng) -> str:
+    """A route's `split`: each request's upstream drawn by weight."""
+    x = rng.random() * sum(t.weight for t in split)
+    for t in split:
+        x -= t.weight
+        if x < 0:
+            return t.upstream
+    return next(t.upstream for t in reversed(split) if t.weight > 0)
 
 
 def _origin_form(raw: str) -> str:

@@ -151,6 +151,10 @@ class EndpointRegistry:
             if self.started:
                 self._start_group(group)
 
+    def targets(self) -> list[EndpointTarget]:
+        """Every live endpoint's target (their pools are kept across a reload)."""
+        return [ep.target for group in self.groups.values() for ep in group.set.endpoints]
+
     def start(self) -> None:
         self.started = True
         for group in self.groups.values():
