@@ -140,7 +140,9 @@ class EndpointSet:
         None (no verdict: cancelled, or a 429). `latency` feeds the EWMA when the endpoint answered."""
         if ep.in_flight > 0:
             ep.in_flight -= 1
-        if latency is not None:
+        # A failure may only raise the estimate: a replica that fails fast must not look fast and
+        # draw the traffic in (the "black hole" of latency-aware balancing).
+        if latency is not None and (ok is not False or latency > ep.ewma.rtt):
             ep.ewma.observe(latency, now)
         if ok is None:
             return None

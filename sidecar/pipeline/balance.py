@@ -8,6 +8,8 @@ cooldown. An upstream with a single endpoint passes straight through.
 """
 from __future__ import annotations
 
+import asyncio
+
 from sidecar.core.decisions import Decision
 from sidecar.core.endpoints import EndpointEvent
 from sidecar.core.retry import parse_retry_after
@@ -25,8 +27,8 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
         return await next(ex, call)
     eset = group.set
     clock = runtime.clock
-    if not eset.endpoints and group.ready is not None and not group.ready.is_set():
-        await _first_answer(ex, group)
+    if not eset.endpoints and group.discovery is not None and not group.discovery.resolved.is_set():
+        await _first_answer(ex, group.discovery.resolved)
     if not eset.endpoints:
         raise UpstreamFailure("connect-failure", f"no endpoints known for {up.name} (DNS gave none yet)")
     now = clock.monotonic()
@@ -67,7 +69,8 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
     try:
         reply = await next(ex, attempt)
     except UpstreamFailure:
-        _note(ex, up.name, eset.finish(ep, False, None, clock.monotonic()))
+        now = clock.monotonic()
+        _note(ex, up.name, eset.finish(ep, False, now - started, now))
         raise
     except BaseException:
         eset.finish(ep, None, None, clock.monotonic())
@@ -95,11 +98,10 @@ def _note(ex: Exchange, upstream: str, event: EndpointEvent | None) -> None:
         ex.decide(event.decision, f"{event.endpoint}: {event.reason}", upstream=upstream)
 
 
-async def _first_answer(ex: Exchange, group) -> None:
-    """A just-started sidecar: wait (within the request's time) for DNS to name the endpoints."""
-    import asyncio
+async def _first_answer(ex: Exchange, resolved: asyncio.Event) -> None:
+    """A just-started sidecar: wait (within the request's time) for DNS's first answer."""
     try:
         async with asyncio.timeout(max(0.0, ex.remaining())):
-            await group.ready.wait()
+            await resolved.wait()
     except TimeoutError:
         pass

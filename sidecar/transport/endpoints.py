@@ -105,7 +105,7 @@ def dns_targets(up: Upstream, addresses: list[str]) -> list[tuple[str, int, str,
 
 class Group:
     """One balanced upstream: its set, its discovery and health-check tasks."""
-    __slots__ = ("up", "set", "discovery", "tasks", "health", "ready")
+    __slots__ = ("up", "set", "discovery", "tasks", "health")
 
     def __init__(self, up: Upstream) -> None:
         self.up = up
@@ -113,7 +113,6 @@ class Group:
         self.discovery: DnsDiscovery | None = None
         self.tasks: list[asyncio.Task] = []
         self.health: dict[str, HealthState] = {}
-        self.ready = asyncio.Event() if up.discovery == "dns" else None
 
 
 class EndpointRegistry:
@@ -190,8 +189,6 @@ class EndpointRegistry:
         if added or removed:
             log.info("upstream %s: endpoints %s (added %s, removed %s)", group.up.name,
                      ", ".join(ep.key for ep in group.set.endpoints), added or "none", removed or "none")
-        if group.ready is not None:
-            group.ready.set()
 
     def _apply(self, group: Group, members) -> tuple[list[str], list[str]]:
         old = {ep.key: ep.target for ep in group.set.endpoints}

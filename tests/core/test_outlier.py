@@ -196,3 +196,14 @@ def test_in_flight_and_share_on_the_snapshot():
     snap = {row["endpoint"]: row for row in s.snapshot(clock.monotonic(), clock.time())}
     assert snap["10.0.0.1:80"]["in_flight"] == 1 and snap["10.0.0.1:80"]["share"] == 1.0
     assert snap["10.0.0.1:80"]["weight"] == 2 and snap["10.0.0.2:80"]["state"] == "active"
+
+
+def test_a_fast_failure_never_makes_an_endpoint_look_fast():
+    s, clock, rng = make_set(2)
+    a = s.get("10.0.0.1:80")
+    s.finish(a, True, 0.050, 1.0)
+    before = a.ewma.rtt
+    s.finish(a, False, 0.0005, 1.1)                   # a quick 503 or refused connect
+    assert a.ewma.rtt == before
+    s.finish(a, False, 0.500, 1.2)                    # a slow failure (a timeout) counts, as a peak
+    assert a.ewma.rtt == 0.500

@@ -97,6 +97,12 @@ async def test_one_replica_of_three_answering_503_is_ejected_and_the_breaker_nev
     assert {e["state"] for k, e in endpoints.items() if k != f"127.0.0.1:{bad.port}"} == {"active"}
     answered_by = {h["x-sidecar-endpoint"] for s, h in results if s == 200}
     assert answered_by == {f"127.0.0.1:{good1.port}", f"127.0.0.1:{good2.port}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port['admin']}/metrics") as r:
+            text = await r.text()
+    bad_key = f"127.0.0.1:{bad.port}"
+    assert f'sidecar_endpoint_requests_total{{code="503",endpoint="{bad_key}",upstream="svc"}} {bad.hits}.0' in text
+    assert f'sidecar_endpoint_state{{endpoint="{bad_key}",state="ejected",upstream="svc"}} 1.0' in text
 
 
 async def test_all_replicas_failing_open_the_breaker_and_the_fallback_answers(
@@ -307,3 +313,29 @@ async def test_dns_discovery_against_a_real_dns_server(sidecar_factory, port):
         dns.stop()
         for r in replicas:
             await r.stop()
+
+
+async def test_health_checks_run_per_endpoint(upstream_factory, sidecar_factory, port):
+    def replica(name, healthy):
+        async def handler(request):
+            if request.path == "/health":
+                return web.Response(status=200 if healthy else 503)
+            return web.Response(text=name)
+        return handler
+    reps = [await upstream_factory(replica(n, n != "b")) for n in "abc"]
+    await sidecar_factory(policy(port, [r.url for r in reps], "", balance="round-robin").replace(
+        "        balance: round-robin",
+        "        balance: round-robin\n        health_check: {path: /health, interval: 100ms, timeout: 1s, "
+        "unhealthy_after: 1, healthy_after: 1}"))
+    async with asyncio.timeout(20):                          # a hang guard only
+        while True:
+            states = {e["endpoint"]: e["state"] for e in (await status(port))["endpoints"]["svc"]["endpoints"]}
+            if states[f"127.0.0.1:{reps[1].port}"] == "unhealthy":
+                break
+            await asyncio.sleep(0.05)
+    before = [sum(1 for q in r.requests if q["path"] != "/health") for r in reps]
+    results = await fire(port, 30, concurrency=1)
+    after = [sum(1 for q in r.requests if q["path"] != "/health") for r in reps]
+    assert all(s == 200 for s, _ in results)
+    assert after[1] == before[1]                             # the unhealthy replica is out of rotation
+    assert after[0] - before[0] == 15 and after[2] - before[2] == 15
