@@ -146,17 +146,20 @@ state_dir: {d}/state
 
 
 def sidecar_overhead(d: Path, name: str, port: int, admin: int, health: int, upstream: int,
-                     otlp: int | None = None, cache: bool = True) -> Path:
+                     otlp: int | None = None, cache: bool = True, endpoints: int = 1) -> Path:
     """The "full" route every request of the overhead runs takes, plus the cache-hit route."""
     cached = """  - name: cached
     match: {path_prefix: /cached/}
     upstream: primary
     cache: {ttl: 1h, max_entries: 20000, max_bytes: 256MiB}
 """ if cache else ""
+    url = f'"http://127.0.0.1:{upstream}"'
+    target = f"url: {url}" if endpoints == 1 else \
+        "endpoints: [" + ", ".join(f"{{url: {url}}}" for _ in range(endpoints)) + "]"
     conf = d / f"{name}.yaml"
     conf.write_text(_sidecar_head(d, port, admin, health, otlp) + f"""
 upstreams:
-  primary: {{url: "http://127.0.0.1:{upstream}", connect_timeout: 1s, max_connections: 256}}
+  primary: {{{target}, connect_timeout: 1s, max_connections: 256}}
 defaults:
   timeout: 10s
   retry: null

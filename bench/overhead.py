@@ -39,11 +39,13 @@ class Plan:
 
 QUICK = Plan(rounds=2, sat_duration=2, rate_duration=1.0, sat_bodies=("small",),
              rates=((1000, "small"),),
-             systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"), rss_entries=10_000,
+             systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar-3ep", "sidecar+otlp"),
+             rss_entries=10_000,
              tracing_pairs=2, tracing_duration=1)
 FULL = Plan(rounds=3, sat_duration=4, rate_duration=4, sat_bodies=("small", "big", "cached"),
             rates=((100, "small"), (1000, "small"), (5000, "small"), (1000, "big"), (1000, "cached")),
-            systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"), tracing_pairs=10)
+            systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar-3ep", "sidecar+otlp"),
+            tracing_pairs=10)
 SMOKE = Plan(rounds=1, sat_duration=1, rate_duration=1, sat_bodies=("small",), rates=((200, "small"),),
              systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"), rss_entries=200,
              conns=8, tracing_pairs=1, tracing_duration=1)
@@ -109,8 +111,11 @@ class Bench:
                         self.otlp = python_proc("otlp", ["bench.otlp_sink", str(otlp)], otlp, g, tmp).start()
                         self.procs["otlp"] = self.otlp
                     admin, health = free_port(), free_port()
+                    # sidecar-3ep: the same full policy with the upstream as three endpoints (one
+                    # balanced set over the same server), the cost of balancing per request
                     policy = configs.sidecar_overhead(_mk(tmp / name.replace("+", "-")), name.replace("+", "-"),
-                                                      port, admin, health, up, otlp, cache=self.cache)
+                                                      port, admin, health, up, otlp, cache=self.cache,
+                                                      endpoints=3 if name == "sidecar-3ep" else 1)
                     proc = sidecar_proc(name, policy, port, admin, s, tmp)
                 self.procs[name] = proc.start()
                 self.ports[name] = port
