@@ -216,10 +216,10 @@ async def test_two_keyed_endpoints_one_rate_limited_with_the_openai_sdk(upstream
         await client.close()
 
 
-async def test_a_90_10_split_over_1000_requests(upstream_factory, sidecar_factory, port):
+async def test_a_90_10_split_over_1000_requests(upstream_factory, sidecar_factory, port, tmp_path):
     stable = await upstream_factory(ok_handler("stable"))
     canary = await upstream_factory(ok_handler("canary"))
-    await sidecar_factory(f"""
+    sc = await sidecar_factory(f"""
     version: 1
     listeners:
       - {{name: api, mode: reverse, port: {port['reverse']}, upstream: stable}}
@@ -232,6 +232,7 @@ async def test_a_90_10_split_over_1000_requests(upstream_factory, sidecar_factor
       - name: checkout
         match: {{path_prefix: /}}
         split: [{{upstream: stable, weight: 90}}, {{upstream: canary, weight: 10}}]
+        breaker: {{consecutive_failures: 5}}
     """)
     results = await fire(port, 1000)
     assert all(s == 200 for s, _ in results)
@@ -240,6 +241,18 @@ async def test_a_90_10_split_over_1000_requests(upstream_factory, sidecar_factor
     assert abs(canary.hits - n * p) <= 5 * sigma, canary.hits       # 5 sigma: 53..147
     assert stable.hits + canary.hits == 1000
     assert sum(1 for _, h in results if h["x-sidecar-upstream"] == "canary") == canary.hits
+    # A reload moves the weights; the route's state (one breaker per upstream) carries over.
+    state = sc.runtime.gen.states["checkout"]
+    breakers = dict(state.breakers)
+    assert set(breakers) == {"stable", "canary"}
+    path = tmp_path / "policy.yaml"
+    path.write_text(path.read_text().replace("weight: 90", "weight: 0").replace("weight: 10", "weight: 1"))
+    ok, error = await sc.runtime.reload()
+    assert ok, error
+    assert sc.runtime.gen.states["checkout"] is state and state.breakers == breakers
+    before = stable.hits
+    results = await fire(port, 50)
+    assert stable.hits == before and all(h["x-sidecar-upstream"] == "canary" for _, h in results)
 
 
 class Replica:
