@@ -10,7 +10,9 @@ returned here into decisions. An endpoint is out of rotation while it is
 
 Panic (Envoy's panic threshold): when more endpoints are ejected or unhealthy than `max_ejected`
 allows, or none is left, the balancer ignores ejection and health and balances over the whole set --
-better to spread load over endpoints that may be failing than to pile it on one or refuse it all.
+better to spread load over endpoints that may be failing than to pile it on one or refuse it all. The
+one exception: when every endpoint fails its active health check, nothing is sent (as for an upstream
+with one endpoint), so the fallback chain answers at once instead of after a try to a dead pod.
 
 The breaker judges the upstream, not one pod: a failure of one endpoint while another endpoint's last
 answer was good is that endpoint's outlier business, and the route's breaker does not count it
@@ -58,11 +60,12 @@ class EndpointEvent:
 
 
 class Pick(NamedTuple):
-    endpoint: EndpointState | None         # None: every candidate is cooling down
+    endpoint: EndpointState | None         # None: every endpoint fails its checks, or is cooling down
     panic: bool                            # balanced over all, ignoring ejection and health
     none_usable: bool                      # every endpoint ejected or unhealthy
     restored: tuple[EndpointEvent, ...]    # ejections that ended since the last pick
     cooled_until: float | None             # when endpoint is None: the earliest end of a cooldown
+    all_unhealthy: bool = False            # every endpoint fails its active health check
 
 
 class EndpointSet:
@@ -108,7 +111,8 @@ class EndpointSet:
         return len(self.endpoints)
 
     # -- the request path ----------------------------------------------------------------------------
-    def pick(self, now: float, rng: random.Random, tried: Collection[str] = ()) -> Pick:
+    def pick(self, now: float, rng: random.Random, tried: Collection[str] = (),
+             ignore_health: bool = False) -> Pick:
         eps = self.endpoints
         restored: tuple[EndpointEvent, ...] = ()
         usable = []
@@ -120,6 +124,10 @@ class EndpointSet:
         out = len(eps) - len(usable)
         panic = out > 0 and (not usable or out > ejection_cap(len(eps), self.outlier))
         pool = eps if panic else usable
+        if not usable:
+            pool = eps if ignore_health else [ep for ep in eps if ep.healthy]
+            if not pool:
+                return Pick(None, False, True, restored, None, all_unhealthy=True)
         ready = [ep for ep in pool if ep.cooldown_until <= now]
         if not ready:
             cooled = min((ep.cooldown_until for ep in pool), default=None)

@@ -36,6 +36,12 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
     pick = eset.pick(now, runtime.rng, tried or ())
     for event in pick.restored:
         runtime.endpoints.background(up.name, event, ex.record.policy_version)
+    if pick.all_unhealthy:
+        ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint fails its active health check",
+                  upstream=up.name, breaker_state="open")
+        if ex.enforce:
+            raise Degraded("breaker-open", f"every endpoint of {up.name} is unhealthy", upstream=up.name)
+        pick = eset.pick(now, runtime.rng, tried or (), ignore_health=True)   # shadow: as if no policy
     if pick.none_usable:
         ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint is ejected or failing its health check",
                   upstream=up.name)

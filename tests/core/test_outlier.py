@@ -207,3 +207,18 @@ def test_a_fast_failure_never_makes_an_endpoint_look_fast():
     assert a.ewma.rtt == before
     s.finish(a, False, 0.500, 1.2)                    # a slow failure (a timeout) counts, as a peak
     assert a.ewma.rtt == 0.500
+
+
+def test_every_endpoint_failing_its_checks_sends_nothing_but_ejected_ones_panic():
+    s, clock, rng = make_set(2)
+    for ep in s.endpoints:
+        s.set_health(ep.key, False)
+    p = s.pick(0, rng)
+    assert p.endpoint is None and p.all_unhealthy
+    assert s.pick(0, rng, ignore_health=True).endpoint is not None      # shadow mode sends anyway
+    s.set_health("10.0.0.1:80", True)
+    a = s.get("10.0.0.1:80")
+    for _ in range(3):
+        s.finish(a, False, 0.001, 0)
+    p = s.pick(0, rng)                                # one ejected, one unhealthy: the ejected one, in panic
+    assert p.panic and p.none_usable and p.endpoint is a
