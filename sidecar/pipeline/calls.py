@@ -83,6 +83,12 @@ def rewrite_json(data: bytes, rewrite: Rewrite) -> bytes | None:
         return None
     if not isinstance(doc, dict):
         return None
+    apply_json_rewrite(doc, rewrite)
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def apply_json_rewrite(doc: dict, rewrite: Rewrite) -> None:
+    """`json_map` then `json_set`, in place."""
     for jm in rewrite.json_map:
         parent, leaf = _walk(doc, jm.path, create=False)
         if parent is None or leaf not in parent:
@@ -99,7 +105,6 @@ def rewrite_json(data: bytes, rewrite: Rewrite) -> bytes | None:
         parent, leaf = _walk(doc, path, create=True)
         if parent is not None:
             parent[leaf] = value
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _walk(doc: dict, path: tuple[str, ...], *, create: bool):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+from typing import Awaitable
 
 from multidict import CIMultiDict
 
@@ -23,6 +24,7 @@ from sidecar.pipeline.calls import rewritten_call
 from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
 from sidecar.pipeline.hedge import may_send_twice, race
 from sidecar.pipeline.send import send
+from sidecar.pipeline.translate import call_translated
 from sidecar.policy.model import Conditions, FallbackTarget
 from sidecar.transport.errors import UpstreamFailure
 
@@ -173,17 +175,29 @@ async def _call_upstream_target(ex: Exchange, target: FallbackTarget, failure: F
         ex.decide(Decision.FALLBACK, "no time left: upstream target skipped", upstream=target.upstream,
                   fallback_target=label)
         return None
-    ex.decide(Decision.FALLBACK, f"{failure.reason}; trying {target.upstream}", upstream=target.upstream,
-              fallback_target=label)
-    call = rewritten_call(ex, ex.runtime.policy_upstream(target.upstream), target.rewrite, label)
+    ex.decide(Decision.FALLBACK, f"{failure.reason}; trying {target.upstream}{_translated(target)}",
+              upstream=target.upstream, fallback_target=label)
     try:
-        reply = await target_stack(ex, call)
+        reply = await _send_to_target(ex, target)
     except (Degraded, UpstreamFailure):
         return None
     if reply.status >= 500:
         reply.release()
         return None
     return reply
+
+
+def _translated(target: FallbackTarget) -> str:
+    rewrite = target.rewrite
+    return f" (translated {rewrite.translate})" if rewrite is not None and rewrite.translate else ""
+
+
+def _send_to_target(ex: Exchange, target: FallbackTarget) -> Awaitable[Reply]:
+    upstream = ex.runtime.policy_upstream(target.upstream)
+    rewrite = target.rewrite
+    if rewrite is not None and rewrite.translate is not None:
+        return call_translated(ex, upstream, rewrite, target.label, target_stack)
+    return target_stack(ex, rewritten_call(ex, upstream, rewrite, target.label))
 
 
 async def _stale_target(ex: Exchange, failure: Failure) -> Reply | None:
@@ -220,10 +234,8 @@ async def _hedged_primary(ex: Exchange, call: Call, next, fb) -> Reply:
         return await primary
 
     def start_backup() -> asyncio.Task:
-        label = first_upstream.label
-        backup_call = rewritten_call(ex, ex.runtime.policy_upstream(first_upstream.upstream),
-                                     first_upstream.rewrite, label)
-        ex.decide(Decision.FALLBACK, f"{call.name} slow: racing {first_upstream.upstream}",
-                  upstream=first_upstream.upstream, fallback_target=label)
-        return loop.create_task(target_stack(ex, backup_call))
+        ex.decide(Decision.FALLBACK, f"{call.name} slow: racing {first_upstream.upstream}"
+                  f"{_translated(first_upstream)}", upstream=first_upstream.upstream,
+                  fallback_target=first_upstream.label)
+        return loop.create_task(_send_to_target(ex, first_upstream))
     return await race(ex, primary, start_backup, [fb.hedge], f"racing {first_upstream.upstream}")

@@ -20,6 +20,7 @@ from sidecar.policy.checks import Checker, Path
 from sidecar.policy.dump import policy_data
 from sidecar.policy.errors import PolicyError
 from sidecar.policy.merge import deep_merge
+from sidecar.policy.model import DEFAULT_MAX_TOKENS
 from sidecar.policy.model import (
     BackoffPolicy, BreakerPolicy, BudgetPolicy, CachePolicy, ConcurrencyPolicy, Conditions, Endpoint,
     FallbackPolicy, FallbackTarget, FaultAbort, FaultDelay, FaultPolicy, HeaderMatch, HealthCheck,
@@ -341,7 +342,8 @@ class _Builder(Checker):
         sets = tuple((_dotted(field), value) for field, value in d.get("json_set", {}).items())
         return Rewrite(path=d.get("path"), set_headers=tuple(d.get("headers", {}).items()),
                        remove_headers=tuple(h.lower() for h in d.get("remove_headers", [])),
-                       json_map=maps, json_set=sets)
+                       json_map=maps, json_set=sets, translate=d.get("translate"),
+                       max_tokens=d.get("max_tokens", DEFAULT_MAX_TOKENS))
 
     def static(self, d: dict, sub: Path) -> StaticResponse:
         headers = tuple((k, v) for k, v in d.get("headers", {}).items() if k.lower() != "content-type")

@@ -197,7 +197,8 @@ def _rewrite(r: Rewrite) -> dict:
     json_map = {}
     for m in r.json_map:
         json_map[".".join(m.path)] = {**dict(m.mapping), **({"*": m.default} if m.has_default else {})}
-    return _drop_empty({"path": r.path, "headers": dict(r.set_headers), "remove_headers": list(r.remove_headers),
+    return _drop_empty({"translate": r.translate,
+                        "max_tokens": r.max_tokens if r.translate else None, "path": r.path, "headers": dict(r.set_headers), "remove_headers": list(r.remove_headers),
                         "json_map": json_map,
                         "json_set": {".".join(path): value for path, value in r.json_set}})
 

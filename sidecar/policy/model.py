@@ -256,6 +256,11 @@ class JsonMap:
     has_default: bool = False
 
 
+# Anthropic requires max_tokens; an OpenAI app often sends none. 4096 fits every current model's output
+# limit and rarely cuts an answer short.
+DEFAULT_MAX_TOKENS = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Rewrite:
     path: str | None = None
@@ -263,6 +268,8 @@ class Rewrite:
     remove_headers: tuple[str, ...] = ()
     json_map: tuple[JsonMap, ...] = ()
     json_set: tuple[tuple[tuple[str, ...], object], ...] = ()
+    translate: str | None = None           # "APP/PROVIDER", a name in sidecar.llm.translate.TRANSLATIONS
+    max_tokens: int = DEFAULT_MAX_TOKENS   # sent when the app names no limit and the provider needs one
 
     @property
     def touches_body(self) -> bool:
