@@ -37,13 +37,15 @@ class DemoUpstream:
         self.hits = 0
         self._runner: web.AppRunner | None = None
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         body = await request.read()
         if self.mode == "failing" or (self.mode == "flaky" and self.rng.random() < 0.2):
             return web.json_response({"error": "unavailable"}, status=503)
         if self.mode == "hung":
             await asyncio.sleep(30)
+        if self.mode == "anthropic":
+            return await _anthropic_answer(request, json.loads(body))
         model = ""
         if body.startswith(b"{"):
             model = json.loads(body).get("model", "")
@@ -69,6 +71,33 @@ class DemoUpstream:
             self._runner = None
 
 
+async def _anthropic_answer(request: web.Request, doc: dict) -> web.StreamResponse:
+    """What Anthropic's Messages API answers (it refuses an OpenAI-shaped body), whole or streamed."""
+    if "max_tokens" not in doc or any(m.get("role") not in ("user", "assistant") for m in doc.get("messages", [])):
+        return web.json_response({"type": "error", "error": {"type": "invalid_request_error",
+                                                             "message": "not a Messages request"}}, status=400)
+    text = f"Claude here, answering in Anthropic's format ({doc['model']})"
+    usage = {"input_tokens": 12, "output_tokens": 9}
+    if not doc.get("stream"):
+        return web.json_response({"id": "msg_demo", "type": "message", "role": "assistant", "model": doc["model"],
+                                  "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                                  "stop_sequence": None, "usage": usage})
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    events = [("message_start", {"message": {"id": "msg_demo", "type": "message", "role": "assistant",
+                                             "model": doc["model"], "content": [], "usage": usage}}),
+              ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})]
+    events += [("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word + " "}})
+               for word in text.split()]
+    events += [("content_block_stop", {"index": 0}),
+               ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}),
+               ("message_stop", {})]
+    for name, data in events:
+        await resp.write(f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode())
+    await resp.write_eof()
+    return resp
+
+
 POLICY = """
 version: 1
 listeners:
@@ -86,6 +115,7 @@ upstreams:
     health_check: {{path: /health, interval: 200ms, timeout: 100ms, unhealthy_after: 2, healthy_after: 2}}
   provider: {{url: "http://127.0.0.1:{provider}"}}
   backup: {{url: "http://127.0.0.1:{backup}"}}
+  anthropic: {{url: "http://127.0.0.1:{anthropic}", headers: {{x-api-key: demo-anthropic-key}}}}
 defaults:
   timeout: 5s
 routes:
@@ -114,6 +144,11 @@ routes:
       targets:
         - upstream: backup
           rewrite: {{json_map: {{model: {{gpt-4o: backup-large, "*": backup-small}}}}, headers: {{x-served-by: fallback}}}}
+        - upstream: anthropic         # as in policies/llm-backup.yaml: another provider's API, translated
+          rewrite:
+            translate: openai-chat/anthropic-messages
+            max_tokens: 1024
+            json_map: {{model: {{"*": claude-sonnet-4-5}}}}
         - cache: stale
         - static: {{status: 200, json: {{error: degraded, message: "Try again shortly"}}}}
 """
@@ -154,7 +189,8 @@ class Tally:
 async def _demo(requests: int) -> int:
     rng = random.Random(42)
     ups = {name: DemoUpstream(name, rng, mode) for name, mode in
-           [("flaky", "flaky"), ("failing", "failing"), ("hung", "hung"), ("provider", "up"), ("backup", "up")]}
+           [("flaky", "flaky"), ("failing", "failing"), ("hung", "hung"), ("provider", "up"), ("backup", "up"),
+            ("anthropic", "anthropic")]}
     for up in ups.values():
         await up.up()
     ports = {"proxy": _port(), "llm": _port(), "admin": _port(), "health": _port()}
@@ -194,13 +230,16 @@ async def _run(sidecar, ups, ports, tally: Tally, requests: int) -> None:
                         tally.add(label, r.status, r.headers, time.perf_counter() - t0)
             await asyncio.gather(*(one(i) for i in range(n)))
 
-        async def chat(label: str, n: int, model: str = "gpt-4o", prompt: str = "q") -> None:
+        async def chat(label: str, n: int, model: str = "gpt-4o", prompt: str = "q", stream: bool = False) -> str:
+            answer = ""
             for i in range(n):
                 t0 = time.perf_counter()
-                body = {"model": model, "messages": [{"role": "user", "content": f"{prompt}{i % 3}"}]}
+                body = {"model": model, "messages": [{"role": "user", "content": f"{prompt}{i % 3}"}],
+                        "stream": stream}
                 async with s.post(llm, json=body) as r:
-                    await r.read()
+                    answer = (await r.read()).decode()
                     tally.add(label, r.status, r.headers, time.perf_counter() - t0)
+            return answer
 
         print("1. a flaky API (20% 503s) behind retries with a budget")
         await get("flaky-api: 20% 503s", "flaky.demo", requests)
@@ -210,14 +249,21 @@ async def _run(sidecar, ups, ports, tally: Tally, requests: int) -> None:
         while sidecar.runtime.health["hung"].healthy:
             await asyncio.sleep(0.05)
         await get("hung-service: never answers", "hung.demo", max(20, requests // 5))
-        print("4. an LLM provider outage: backup provider, then the stale cache, then a static answer")
+        print("4. an LLM provider outage: a backup of the same API, then Anthropic (translated), then the stale "
+              "cache, then a static answer")
         await chat("chat: provider healthy (3 cached)", 6)
         await ups["provider"].down()
         await chat("chat: provider down -> backup", 6, prompt="new question ")
         await ups["backup"].down()
+        answer = await chat("chat: backup down -> Anthropic", 3, prompt="another question ")
+        print("   Anthropic's answer, as the OpenAI app gets it:", _choice(answer))
+        streamed = await chat("chat: streamed, from Anthropic", 1, prompt="stream it ", stream=True)
+        events = " ".join(line for line in streamed.splitlines() if line.startswith("data:"))
+        print(f"   streamed: {events[:150]} ...")
+        await ups["anthropic"].down()
         await asyncio.sleep(1.1)           # let the cached answers pass their 1s ttl: they are stale now
-        await chat("chat: both down -> stale cache", 3)
-        await chat("chat: both down, uncached -> static", 3, prompt="never asked ")
+        await chat("chat: all down -> stale cache", 3)
+        await chat("chat: all down, uncached -> static", 3, prompt="never asked ")
         print()
 
 
@@ -244,6 +290,15 @@ def _llm_summary(sidecar) -> list[str]:
             shares = ", ".join(f"{source} {100 * share:.0f}%" for source, share in row["shares"].items())
             lines.append(f"chat answers by source over the demo ({row['answers']}): {shares}")
     return lines
+
+
+def _choice(answer: str) -> str:
+    try:
+        doc = json.loads(answer)
+        return f"model={doc['model']!r} finish_reason={doc['choices'][0]['finish_reason']!r} " \
+               f"content={doc['choices'][0]['message']['content']!r} usage={doc['usage']['total_tokens']}"
+    except (ValueError, KeyError, IndexError, TypeError):
+        return answer[:200]
 
 
 def run_demo(requests: int = 200) -> int:

@@ -27,7 +27,7 @@ MAX_ANSWER = 8 * 1024 * 1024
 
 async def call_translated(ex: Exchange, upstream: Upstream, rewrite: Rewrite, label: str,
                           stack: Callable[[Exchange, Call], Awaitable[Reply]]) -> Reply:
-    tr = TRANSLATIONS[rewrite.translate]
+    tr = TRANSLATIONS[rewrite.translate or ""]
     try:
         call, plan = translated_call(ex, upstream, rewrite, label, tr)
     except Refused as exc:

@@ -13,7 +13,6 @@ from aiohttp import web
 
 from llm_streams import anthropic_sse, openai_sse
 from provider_shapes import Rejected, check_anthropic, check_openai
-from sidecar.llm.translate.sse import encode
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -67,7 +66,7 @@ class AnthropicBackup:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         raw = anthropic_sse(message).split(b"\n\n")[:-1]
-        for i, event in enumerate(raw):
+        for event in raw:
             await resp.write(event + b"\n\n")
             if self.gate is not None and b"text_delta" in event:
                 await self.gate.wait()       # the rest only once the app has seen this delta

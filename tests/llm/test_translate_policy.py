@@ -1,6 +1,5 @@
 """`rewrite: {translate: ..., max_tokens: N}` in the policy: loaded, validated with line:col, dumped."""
 import json
-import textwrap
 
 import pytest
 

@@ -30,10 +30,10 @@ IGNORED = ("service_tier", "inference_geo")
 
 
 class AnthropicToOpenAI:
-    name = "anthropic-messages/openai-chat"
-    path = "/v1/chat/completions"
-    app_headers = ("authorization", "x-api-key", "anthropic-version", "anthropic-beta")
-    provider_headers = ()
+    name: str = "anthropic-messages/openai-chat"
+    path: str = "/v1/chat/completions"
+    app_headers: tuple[str, ...] = ("authorization", "x-api-key", "anthropic-version", "anthropic-beta")
+    provider_headers: tuple[tuple[str, str], ...] = ()
 
     def request(self, doc: object, *, max_tokens: int) -> Plan:
         doc = as_dict(doc, "the request body")
@@ -190,7 +190,8 @@ def _message(m: dict, where: str) -> list[dict]:
         return [out]
     if role != "user":
         raise Refused(f"{where}: role {role!r} is not translated")
-    results, parts = [], []
+    results: list[dict] = []
+    parts: list[dict] = []
     for j, b in enumerate(blocks):
         b = as_dict(b, f"{where}.content[{j}]")
         kind = b.get("type")
@@ -282,8 +283,8 @@ class ChunksToMessages:
             raise StreamError("event data is not an object")
         if data.get("error") is not None:
             err = _obj(data.get("error"))
-            return self.fail(str(err.get("message", "the provider's stream failed")),
-                             "overloaded_error" if err.get("code") == "overloaded" else str(err.get("type") or "api_error"))
+            etype = "overloaded_error" if err.get("code") == "overloaded" else str(err.get("type") or "api_error")
+            return self.fail(str(err.get("message", "the provider's stream failed")), etype)
         out = self._start(data)
         if isinstance(data.get("usage"), dict):
             self._usage = data["usage"]
@@ -312,7 +313,7 @@ class ChunksToMessages:
         if self._started:
             return b""
         self._started = True
-        message = {"id": str(data.get("id", "msg_sidecar")), "type": "message", "role": "assistant",
+        message: dict = {"id": str(data.get("id", "msg_sidecar")), "type": "message", "role": "assistant",
                    "model": str(data.get("model", self._plan.model or "")), "content": [],
                    "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": 0, "output_tokens": 0}}

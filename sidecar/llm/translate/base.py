@@ -30,7 +30,8 @@ class Plan:
 
 class StreamTranslator(Protocol):
     """Provider SSE bytes in, app SSE bytes out, chunk by chunk."""
-    done: bool
+    done: bool                               # nothing more will be said: the end, or an error event
+    failed: bool                             # ... and it was an error event
 
     def feed(self, chunk: bytes) -> bytes: ...
     def end(self) -> bytes: ...              # the upstream's stream ended; an error event if early

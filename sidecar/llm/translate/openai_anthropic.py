@@ -44,11 +44,11 @@ IGNORED = ("seed", "store", "metadata", "service_tier", "prompt_cache_key", "saf
 
 
 class OpenAIToAnthropic:
-    name = "openai-chat/anthropic-messages"
-    path = "/v1/messages"
-    app_headers = ("authorization", "openai-organization", "openai-project", "openai-beta", "x-api-key",
+    name: str = "openai-chat/anthropic-messages"
+    path: str = "/v1/messages"
+    app_headers: tuple[str, ...] = ("authorization", "openai-organization", "openai-project", "openai-beta", "x-api-key",
                    "api-key")
-    provider_headers = (("anthropic-version", "2023-06-01"),)
+    provider_headers: tuple[tuple[str, str], ...] = (("anthropic-version", "2023-06-01"),)
 
     def request(self, doc: object, *, max_tokens: int) -> Plan:
         doc = as_dict(doc, "the request body")
@@ -189,7 +189,7 @@ def _messages(raw: list) -> tuple[list[str], list[dict], bool]:
         elif role == "user":
             add("user", _user_blocks(m.get("content"), where))
         elif role == "assistant":
-            blocks = []
+            blocks: list[dict] = []
             text = _assistant_text(m.get("content"), where)
             if text:
                 blocks.append({"type": "text", "text": text})
@@ -210,10 +210,10 @@ def _messages(raw: list) -> tuple[list[str], list[dict], bool]:
                           "content": text_of(m.get("content"), f"{where}.content")}])
         elif role == "function":
             saw_function_role = True
-            name = m.get("name")
-            if not isinstance(name, str) or name not in pending_fn:
+            result_of = m.get("name")
+            if not isinstance(result_of, str) or result_of not in pending_fn:
                 raise Refused(f"{where}: a function result with no function_call before it")
-            add("user", [{"type": "tool_result", "tool_use_id": pending_fn.pop(name),
+            add("user", [{"type": "tool_result", "tool_use_id": pending_fn.pop(result_of),
                           "content": text_of(m.get("content"), f"{where}.content")}])
         else:
             raise Refused(f"{where}: role {role!r} is not translated")
