@@ -69,7 +69,17 @@ async def translated_reply(ex: Exchange, reply: Reply, tr: Translation, plan: Pl
         headers.popall(name, None)
     streamed = "text/event-stream" in headers.get("content-type", "")
     if reply.status < 400 and streamed and reply.stream is not None:
-        reply.stream = _relay(reply.stream, tr.stream(plan, now=int(ex.runtime.clock.time())))
+        translator = tr.stream(plan, now=int(ex.runtime.clock.time()))
+        try:
+            head = await _head(reply.stream, translator)
+        except UpstreamFailure:
+            reply.finish(False)
+            raise
+        if translator.failed and not translator.began:
+            await _close(reply.stream)
+            reply.release_cb = None
+            return _failed_before_answer(reply, translator)
+        reply.stream = _relay(reply.stream, translator, head)
         return reply
     try:
         data = await _read(reply)
@@ -85,7 +95,7 @@ async def translated_reply(ex: Exchange, reply: Reply, tr: Translation, plan: Pl
     elif streamed:                           # a whole event stream in one read: translated the same way
         translator = tr.stream(plan, now=int(ex.runtime.clock.time()))
         reply.body = translator.feed(data) + translator.end()
-        return reply
+        return _failed_before_answer(reply, translator) if translator.failed and not translator.began else reply
     else:
         try:
             status, out = reply.status, tr.answer(doc, plan, now=int(ex.runtime.clock.time()))
@@ -97,6 +107,14 @@ async def translated_reply(ex: Exchange, reply: Reply, tr: Translation, plan: Pl
     reply.body = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
     headers["content-type"] = "application/json"
     return reply
+
+
+def _failed_before_answer(reply: Reply, translator: StreamTranslator) -> Reply:
+    """An error event before the answer began (Anthropic streams an overload this way, after a 200):
+    nothing has reached the app, so it is a failed try that the chain moves on from."""
+    reply.finish(False)
+    status = 503 if "overloaded" in json.dumps(translator.error_body) else 502
+    return _json(status, translator.error_body or {}, reply.upstream)
 
 
 async def _read(reply: Reply) -> bytes:
@@ -113,29 +131,48 @@ async def _read(reply: Reply) -> bytes:
     return b"".join(parts)
 
 
-async def _relay(source: AsyncIterator[bytes], tr: StreamTranslator) -> AsyncIterator[bytes]:
+async def _head(source: AsyncIterator[bytes], tr: StreamTranslator) -> bytes:
+    """Read until the answer begins (or the stream ends): what comes before is a few small events."""
+    out = []
+    async for chunk in source:
+        out.append(tr.feed(chunk))
+        if tr.began or tr.done:
+            break
+    else:
+        out.append(tr.end())
+    return b"".join(out)
+
+
+async def _relay(source: AsyncIterator[bytes], tr: StreamTranslator, head: bytes) -> AsyncIterator[bytes]:
     """The provider's events, translated chunk by chunk. A stream that breaks, ends early or carries an
     error event ends the app's stream with an error event, then counts as cut (the breaker's verdict)."""
     try:
-        async for chunk in source:
-            out = tr.feed(chunk)
-            if out:
-                yield out
-            if tr.done:
-                break
-        else:
-            tail = tr.end()
-            if tail:
-                yield tail
+        if head:
+            yield head
+        if not tr.done:
+            async for chunk in source:
+                out = tr.feed(chunk)
+                if out:
+                    yield out
+                if tr.done:
+                    break
+            else:
+                tail = tr.end()
+                if tail:
+                    yield tail
     except UpstreamFailure as exc:
         yield tr.fail(f"the fallback provider's stream broke: {exc.kind}")
         raise
     finally:
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _close(source)
     if tr.failed:
         raise UpstreamFailure("protocol-error", "the fallback provider's stream ended with an error")
+
+
+async def _close(source: AsyncIterator[bytes]) -> None:
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:                   # the transport's relay releases its connection on close
+        await aclose()
 
 
 def _json(status: int, doc: dict, upstream: str) -> Reply:

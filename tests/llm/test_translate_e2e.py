@@ -13,6 +13,7 @@ from aiohttp import web
 
 from llm_streams import anthropic_sse, openai_sse
 from provider_shapes import Rejected, check_anthropic, check_openai
+from sidecar.llm.translate.sse import encode
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -75,9 +76,11 @@ class AnthropicBackup:
         return resp
 
 
-def policy(port, primary, backup, spare=None, target_extra=""):
+def policy(port, primary, backup, spare=None, target_extra="", spare_translated=False):
     spare_up = f'spare: {{url: "{spare}"}}' if spare else ""
     spare_target = "- upstream: spare" if spare else ""
+    if spare_translated:
+        spare_target += "\n              rewrite: {translate: openai-chat/anthropic-messages}"
     return f"""
     version: 1
     listeners: [{{name: llm, mode: reverse, port: {port['reverse']}, upstream: openai}}]
@@ -111,9 +114,10 @@ async def o2a(upstream_factory, sidecar_factory, port, monkeypatch):
     primary = await upstream_factory(down())
     backend = AnthropicBackup()
     backup = await upstream_factory(backend)
-    await sidecar_factory(policy(port, primary.url, backup.url))
+    sidecar = await sidecar_factory(policy(port, primary.url, backup.url))
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port['reverse']}/v1", api_key="sk-openai-app",
                                 max_retries=0)
+    client.sidecar = sidecar
     yield client, backend, backup, primary
     await client.close()
 
@@ -143,6 +147,25 @@ async def test_openai_app_gets_a_tool_call_completion_from_anthropic(o2a):
     assert "sk-openai-app" not in json.dumps(seen["headers"])
     assert headers["x-api-key"] == "sk-ant-backup" and headers["anthropic-version"] == "2023-06-01"
     assert primary.hits == 1
+    fallback = [d for d in client.sidecar.hub.recent if d["decision"] == "fallback"]
+    assert "(translated openai-chat/anthropic-messages)" in fallback[-1]["reason"]   # as traces show it
+
+
+async def test_a_hedged_translated_backup_beats_a_primary_that_never_answers(upstream_factory, sidecar_factory,
+                                                                              port):
+    async def hung(request):
+        await asyncio.sleep(30)
+    primary = await upstream_factory(hung)
+    backup = await upstream_factory(AnthropicBackup())
+    text = policy(port, primary.url, backup.url).replace("when: [5xx]", "when: [5xx, timeout]\n          hedge: 100ms")
+    # A POST is raced only where the route says POST may be sent twice (a completion has no side effect).
+    await sidecar_factory(text.replace("timeout: 20s", "timeout: 20s\n        retry: {max_retries: 1, methods: [POST]}"))
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port['reverse']}/v1", api_key="k", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="gpt-4o",
+                                                                 messages=[{"role": "user", "content": "quick"}])
+    assert raw.parse().choices[0].message.content == "echo: quick"
+    assert raw.headers["x-sidecar-upstream"] == "anthropic" and "hedge" in raw.headers["x-sidecar-degraded"]
+    await client.close()
 
 
 async def test_openai_app_streams_from_anthropic_chunk_by_chunk(o2a):
@@ -235,8 +258,10 @@ async def test_a_stream_cut_mid_way_ends_the_apps_stream_with_an_error(upstream_
         message = {"id": "m", "type": "message", "role": "assistant", "model": "c",
                    "content": [{"type": "text", "text": "half an answer"}], "stop_reason": "end_turn",
                    "usage": {"input_tokens": 1, "output_tokens": 1}}
-        await resp.write(anthropic_sse(message)[:300])
-        request.transport.close()             # gone mid-event
+        raw = anthropic_sse(message)
+        began = raw.index(b"text_delta")
+        await resp.write(raw[:raw.index(b"\n\n", began) + 20])   # the answer began; cut in the next event
+        request.transport.close()
         return resp
     backup = await upstream_factory(cut)
     await sidecar_factory(policy(port, primary.url, backup.url))
@@ -376,3 +401,53 @@ async def test_time_to_first_chunk_through_the_sidecar_is_reported(o2a, port):
     print(f"\ntime to first text chunk (aiohttp client, median of 5): backup directly {direct[2] * 1000:.1f} ms, "
           f"through the sidecar (a 503 from the primary first, then translated) {through[2] * 1000:.1f} ms")
     assert len(direct) == len(through) == 5
+
+
+async def test_an_overload_streamed_before_the_answer_begins_moves_the_chain_on(upstream_factory, sidecar_factory,
+                                                                                port):
+    """Anthropic can answer 200 and then stream `error: overloaded_error` before any content: no byte has
+    reached the app yet, so the chain tries the next target."""
+    primary = await upstream_factory(down())
+
+    async def overloaded_stream(request):
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(encode({"type": "message_start", "message": {"id": "m", "model": "c", "usage": {}}},
+                                "message_start") + encode({"type": "ping"}, "ping"))
+        await resp.write(encode({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+                                "error"))
+        await resp.write_eof()
+        return resp
+    backup = await upstream_factory(overloaded_stream)
+    spare = await upstream_factory(AnthropicBackup())      # speaks Anthropic too: the same translation
+    await sidecar_factory(policy(port, primary.url, backup.url, spare.url, spare_translated=True))
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port['reverse']}/v1", api_key="k", max_retries=0)
+    stream = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o", stream=True, messages=[{"role": "user", "content": "busy?"}])
+    assert stream.headers["x-sidecar-upstream"] == "spare"
+    text = ""
+    async for chunk in stream.parse():
+        text += "".join(c.delta.content or "" for c in chunk.choices)
+    assert text == "echo: busy?"
+    assert (backup.hits, spare.hits) == (1, 1)
+    await client.close()
+
+
+async def test_a_stream_cut_before_the_answer_began_is_a_failed_try(upstream_factory, sidecar_factory, port):
+    primary = await upstream_factory(down())
+
+    async def cut(request):
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(encode({"type": "message_start", "message": {"id": "m", "model": "c"}}, "message_start"))
+        request.transport.close()
+        return resp
+    backup = await upstream_factory(cut)
+    await sidecar_factory(policy(port, primary.url, backup.url))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{port['reverse']}/v1/chat/completions",
+                          json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.status == 503 and r.headers["x-sidecar-upstream"] == "openai"   # the primary's own answer
+    assert backup.hits == 1

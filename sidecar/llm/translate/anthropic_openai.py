@@ -247,6 +247,8 @@ class ChunksToMessages:
         self._usage: dict = {}
         self.done = False
         self.failed = False
+        self.began = False
+        self.error_body: dict | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         if self.done:
@@ -269,7 +271,8 @@ class ChunksToMessages:
         if self.done:
             return b""
         self.done = self.failed = True
-        return encode(_anthropic_error(reason, etype), "error")
+        self.error_body = _anthropic_error(reason, etype)
+        return encode(self.error_body, "error")
 
     def _event(self, ev: Event) -> bytes:
         if ev.data.strip() == "[DONE]":
@@ -305,6 +308,7 @@ class ChunksToMessages:
                 if isinstance(fn.get("arguments"), str) and fn["arguments"]:
                     out += self._delta({"type": "input_json_delta", "partial_json": fn["arguments"]})
             if choice.get("finish_reason"):
+                self.began = True
                 self._stop = STOP.get(str(choice["finish_reason"]), "end_turn")
                 out += self._close()
         return out
@@ -322,6 +326,7 @@ class ChunksToMessages:
     def _open_block(self, key: tuple[str, int], block: dict) -> bytes:
         if self._open == key:
             return b""
+        self.began = True
         out = self._close()
         self._block += 1
         self._open = key

@@ -32,6 +32,8 @@ class StreamTranslator(Protocol):
     """Provider SSE bytes in, app SSE bytes out, chunk by chunk."""
     done: bool                               # nothing more will be said: the end, or an error event
     failed: bool                             # ... and it was an error event
+    began: bool                              # the answer itself has started (text, a tool call, a stop)
+    error_body: dict | None                  # the error event's body, in the app's API, once failed
 
     def feed(self, chunk: bytes) -> bytes: ...
     def end(self) -> bytes: ...              # the upstream's stream ended; an error event if early

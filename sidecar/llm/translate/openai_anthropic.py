@@ -328,6 +328,8 @@ class MessagesToChunks:
         self._usage: dict = {}
         self.done = False
         self.failed = False
+        self.began = False
+        self.error_body: dict | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         if self.done:
@@ -351,7 +353,8 @@ class MessagesToChunks:
         if self.done:
             return b""
         self.done = self.failed = True
-        return encode(_openai_error(reason, etype))
+        self.error_body = _openai_error(reason, etype)
+        return encode(self.error_body)
 
     def _chunk(self, delta: dict, finish: str | None = None) -> bytes:
         doc = {"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": self._model,
@@ -365,6 +368,8 @@ class MessagesToChunks:
         if not isinstance(data, dict):
             raise StreamError("event data is not an object")
         kind = data.get("type", ev.event)
+        if kind in ("content_block_start", "content_block_delta", "message_delta"):
+            self.began = True
         if kind == "message_start":
             msg = _obj(data.get("message"))
             self._id = str(msg.get("id", self._id))
