@@ -26,6 +26,7 @@ from sidecar.policy.match import Router
 from sidecar.policy.model import Listener, Policy
 from sidecar.proxy.guard import GuardedServer
 from sidecar.proxy.relay import Relays
+from sidecar.proxy.sniff import Front
 from sidecar.proxy.server import ListenerHandler, replay_limit
 from sidecar.telemetry.records import FanoutSink
 from sidecar.telemetry.redact import install_log_redaction
@@ -110,8 +111,10 @@ class Runtime:
         handler = ListenerHandler(self, listener)
         server = GuardedServer(handler, access_log=None, **SERVER_LIMITS)
         server.listener_handler = handler    # a reload changes the listener's settings here, in place
+        # The first bytes pick the protocol (HTTP/1, HTTP/2, TLS or TCP passthrough): see proxy/sniff.py
+        server.front = Front(self, listener, server, server.header_timeout)
         loop = asyncio.get_running_loop()
-        srv = await loop.create_server(server, listener.bind, listener.port, reuse_address=True,
+        srv = await loop.create_server(server.front, listener.bind, listener.port, reuse_address=True,
                                        reuse_port=reuse_port or None, backlog=1024)
         return server, srv
 
@@ -164,6 +167,7 @@ class Runtime:
             if addr in current:
                 server, srv = current.pop(addr)
                 server.listener_handler.listener = lst   # same socket; the next request sees the change
+                server.front.listener = lst
             else:
                 server, srv = opened[addr]
             servers[lst.name] = (lst, server, srv)

@@ -144,8 +144,15 @@ class _Builder(Checker):
             if name in seen:
                 self.fail(sub, f"duplicate listener name '{name}' (first at line {seen[name]})")
             seen.setdefault(name, self.doc.value_pos(sub)[0])
+            extra = {}
+            if "sniff_timeout" in d:
+                if mode != "transparent":
+                    self.fail(sub + ("sniff_timeout",), f"listener '{name}': only a transparent listener sniffs")
+                extra["sniff_timeout"] = self.duration(d["sniff_timeout"], sub + ("sniff_timeout",))
+            if "idle_timeout" in d:
+                extra["idle_timeout"] = self.duration(d["idle_timeout"], sub + ("idle_timeout",))
             out.append(Listener(name=name, mode=mode, port=int(port or 0),
-                                bind=d.get("bind", "127.0.0.1"), upstream=upstream))
+                                bind=d.get("bind", "127.0.0.1"), upstream=upstream, **extra))
         return tuple(out)
 
     def upstream(self, name: str, d: dict, sub: Path) -> Upstream:

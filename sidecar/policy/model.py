@@ -56,6 +56,8 @@ class Listener:
     port: int
     bind: str = "127.0.0.1"
     upstream: str | None = None          # reverse mode only
+    sniff_timeout: float = 0.2           # transparent: no byte from the app this long -> relayed as TCP
+    idle_timeout: float = 3600.0         # a relayed connection (tunnel, upgrade, passthrough) with no byte
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,8 @@ def _head_size(message) -> int:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's HTTP/1 protocol, plus a header-read deadline, a header-size cap and quiet errors."""
 
+    accepted_at: float | None = None      # set by the sniffer (sniff.py): the first deadline counts from here
+
     def __init__(self, manager: "GuardedServer", *, header_timeout: float, max_header_bytes: int,
                  **kwargs) -> None:
         super().__init__(manager, **kwargs)
@@ -135,7 +137,7 @@ class GuardedRequestHandler(RequestHandler):
     # -- reading --------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._arm()                       # the first request's line must come in time too
+        self._arm(self.accepted_at)       # the first request's line must come in time too
 
     def connection_lost(self, exc) -> None:
         self._disarm()
@@ -197,10 +199,11 @@ class GuardedRequestHandler(RequestHandler):
             self._line_bytes += end
             self._line_done = True
 
-    def _arm(self) -> None:
+    def _arm(self, since: float | None = None) -> None:
         self._disarm()
         if self._header_timeout > 0:
-            self._header_timer = self._loop.call_later(self._header_timeout, self._header_deadline)
+            delay = self._header_timeout if since is None else self._header_timeout - (self._loop.time() - since)
+            self._header_timer = self._loop.call_later(max(delay, 0.0), self._header_deadline)
 
     def _disarm(self) -> None:
         if self._header_timer is not None:

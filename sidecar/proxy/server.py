@@ -91,7 +91,7 @@ class ListenerHandler:
         if request.method == "CONNECT":
             if mode != "proxy":
                 return await self._write_plain(request, json_error(405, "CONNECT only on proxy listeners", None, []))
-            return await tunnel(gen, request)
+            return await tunnel(gen, request, self.listener)
         target = self._target(gen, request)
         if isinstance(target, Reply):
             return await self._write_plain(request, target)
