@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Debian packages the test suite talks to for real: Redis (shared cache), Chromium (dashboard),
 # iptables + iproute2 (transparent mode in network namespaces), openssl (a TLS upstream's test
-# certificate), nginx, HAProxy and wrk (the benchmark harness's smoke test). Installs only what is
+# certificate), curl and redis-cli (apps whose TLS and TCP pass the transparent listener), nginx, HAProxy and wrk (the benchmark harness's smoke test). Installs only what is
 # missing; needs root (or sudo). Without either it says what is missing and the tests that need it skip.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -9,6 +9,8 @@ PATH="$PATH:/usr/sbin:/sbin"
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have redis-server || need+=(redis-server)
+have redis-cli || need+=(redis-tools)
+have curl || need+=(curl)
 have chromium || need+=(chromium)
 have iptables || need+=(iptables)
 have ip || need+=(iproute2)
