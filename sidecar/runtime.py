@@ -42,7 +42,7 @@ SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
 class Generation:
     __slots__ = ("policy", "router", "states", "handlers", "replay_limits", "transport", "sink", "clock",
                  "rng", "sleep", "health", "queue", "own_ports", "head_sampler", "relays",
-                 "endpoints")
+                 "endpoints", "upgrade_handlers")
 
     def __init__(self, policy: Policy, runtime: "Runtime") -> None:
         self.policy = policy
@@ -51,6 +51,7 @@ class Generation:
         self.states = runtime.registry.bind(routes)
         balanced = any(u.balanced for u in policy.upstreams.values())
         self.handlers = {r.name: build(r, balanced) for r in routes}
+        self.upgrade_handlers = {r.name: build(r, balanced, upgrade=True) for r in routes}   # proxy/upgrade.py
         self.replay_limits = {r.name: replay_limit(r) for r in routes}
         for route in routes:
             if route.cache is not None:

@@ -22,9 +22,11 @@ from sidecar.policy.model import Route
 Handler = Callable[[Exchange, Call], Awaitable[Reply]]
 
 
-def layers_for(route: Route, balanced: bool = False) -> list:
+def layers_for(route: Route, balanced: bool = False, upgrade: bool = False) -> list:
+    """`upgrade`: the stack of an upgrade handshake (proxy/upgrade.py), with no cache (an upgraded
+    connection is never stored, nor shared by coalescing) and no hedge (one connection, not two)."""
     stack = []
-    if route.cache is not None:
+    if route.cache is not None and not upgrade:
         stack.append(cache_layer)         # a fresh hit answers here; misses coalesce; answers are stored
     if route.fallback is not None or route.queue is not None:
         stack.append(fallback_layer)         # primary failed: queue the write, or walk the targets
@@ -36,7 +38,7 @@ def layers_for(route: Route, balanced: bool = False) -> list:
         stack.append(fault_layer)            # rehearsed outages: delay or abort before the upstream
     if route.retry is not None and route.retry.max_retries > 0:
         stack.append(retry_layer)            # tries again under the budget, with backoff
-    if route.hedge is not None:
+    if route.hedge is not None and not upgrade:
         stack.append(hedge_layer)            # a slow try races another
     if balanced:
         stack.append(balance_layer)          # a balanced upstream: each try picks an endpoint
@@ -44,9 +46,9 @@ def layers_for(route: Route, balanced: bool = False) -> list:
     return stack
 
 
-def build(route: Route, balanced: bool = False) -> Handler:
+def build(route: Route, balanced: bool = False, upgrade: bool = False) -> Handler:
     """`balanced`: the policy has an upstream with several endpoints (only then the balance layer)."""
     handler: Handler = send                  # one physical try, with the per-try timeout
-    for layer in reversed(layers_for(route, balanced)):
+    for layer in reversed(layers_for(route, balanced, upgrade)):
         handler = functools.partial(layer, next=handler)
     return handler

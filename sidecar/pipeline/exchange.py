@@ -73,6 +73,8 @@ class Reply:
     release_cb: Callable[[], None] | None = None
     endpoint: str | None = None            # host:port that answered, for a balanced upstream
     elsewhere: bool = False                # a 429 whose Retry-After binds only the endpoint that sent it
+    # A 101: the transport's Response whose connection switched protocols (proxy/upgrade.py takes it).
+    upgraded: object | None = None
 
     def release(self) -> None:
         """Discard this reply without sending it (a retried or losing answer): free its connection."""

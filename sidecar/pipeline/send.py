@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
+from multidict import CIMultiDict
+
 from sidecar.llm.usage import AnswerScanner, LlmCall, request_shape, scan_body
 from sidecar.pipeline.exchange import Call, Exchange, Reply
 from sidecar.proxy.headers import end_to_end
@@ -52,6 +54,10 @@ async def send(ex: Exchange, call: Call) -> Reply:
         rec.error_type = failure.kind
         raise
     rec.status = resp.status
+    if resp.status == 101:               # switched protocols: the listener takes the connection over
+        rec.end_ns = time.time_ns()
+        return Reply(status=101, headers=CIMultiDict(resp.headers), upstream=call.name, body=b"",
+                     release_cb=resp.release, upgraded=resp)
     if resp.status >= 500:
         rec.error_type = str(resp.status)
     content = resp.content

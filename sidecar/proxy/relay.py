@@ -16,8 +16,9 @@ Flow control: when one side's write buffer is over its high-water mark, the othe
 until it drains (asyncio's `pause_writing`/`resume_writing`), so a fast sender cannot fill memory.
 An idle timeout closes a relay with no byte either way for `idle_timeout` seconds.
 
-`go_away(to_app, to_upstream)` (SIGTERM) writes a last message to each side, lets it flush and closes;
-a framing tracker (`boundary`) may hold the message until the stream is between two frames.
+SIGTERM reaches live relays through `Relays.drain`: a relay with an `on_drain` hook (a WebSocket's close
+frames, upgrade.py) runs it; a side's `boundary` filter sees its bytes first, so a goodbye can be placed
+between two frames.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class _Side(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.eof_pending = False          # the peer half-closed before this side was connected
         self.count = 0                    # bytes received from this side
-        self.boundary: Callable[[bytes], None] | None = None   # sees the bytes this side receives
+        self.boundary: Callable[[bytes], bytes] | None = None   # filters the bytes this side receives
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -58,7 +59,9 @@ class _Side(asyncio.Protocol):
         self.count += len(data)
         self.relay.touch()
         if self.boundary is not None:
-            self.boundary(data)
+            data = self.boundary(data)   # may hold bytes back, or say goodbye first (upgrade.py)
+            if not data:
+                return
         self.peer.write(data)
 
     def eof_received(self) -> bool:
@@ -122,7 +125,7 @@ class Relay:
         self._last = self._loop.time()
         self._idle = self._loop.call_later(idle_timeout, self._check_idle) if idle_timeout > 0 else None
         self._done = self._loop.create_future()
-        self.closed_by: str | None = None   # "idle", "go_away", or None (a side closed)
+        self.closed_by: str | None = None   # "idle", or None (a side closed)
         self.on_drain: Callable[[], None] | None = None   # what SIGTERM does to this relay (Relays.drain)
 
     @property
@@ -167,23 +170,9 @@ class Relay:
         else:
             self._idle = self._loop.call_later(self.idle_timeout - idle_for, self._check_idle)
 
-    def go_away(self, to_app: bytes = b"", to_upstream: bytes = b"", *, at_boundary=None) -> None:
-        """Say goodbye to both sides and close. `at_boundary`, when given, is a callable that runs the
-        goodbye itself once the stream is between two frames (see `WebSocketFrames`)."""
-        if self._done.done():
-            return
-        self.closed_by = "go_away"
-        if at_boundary is not None:
-            at_boundary(lambda: self._bye(to_app, to_upstream))
-        else:
-            self._bye(to_app, to_upstream)
-
-    def _bye(self, to_app: bytes, to_upstream: bytes) -> None:
-        if to_app:
-            self.app.write(to_app)
-        if to_upstream:
-            self.upstream.write(to_upstream)
-        self.close()
+    def close_later(self, delay: float) -> None:
+        """Close in `delay` seconds unless both sides closed first (a goodbye being flushed)."""
+        self._loop.call_later(delay, self.close)
 
     def close(self) -> None:
         """Close both transports (each flushes what it holds first); `wait()` returns."""

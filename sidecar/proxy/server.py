@@ -29,6 +29,7 @@ from sidecar.proxy.guard import refusal
 from sidecar.proxy.headers import end_to_end
 from sidecar.proxy.original_dst import original_destination
 from sidecar.proxy.tunnel import tunnel
+from sidecar.proxy.upgrade import relay_upgraded, request_headers, upgrade_token
 from sidecar.telemetry.records import RequestRecord
 from sidecar.telemetry.tracecontext import new_span_id, new_trace_id, parse_traceparent
 from sidecar.transport.egress import EGRESS_GUARD, refused_target
@@ -169,18 +170,27 @@ class ListenerHandler:
             return await self._write_plain(request, json_error(400, "request body could not be read",
                                                                route.name, []))
         record = _record(gen, request, route.name, self.listener.name, url)
+        token = upgrade_token(request)       # WebSocket and other upgrades: proxy/upgrade.py
+        headers = end_to_end(request.headers)
+        if token is not None:
+            request_headers(headers, token)
         ex = Exchange(route=route, state=state, runtime=gen, method=request.method, url=url,
-                      headers=end_to_end(request.headers), body=body,
+                      headers=headers, body=body,
                       deadline=gen.clock.monotonic() + route.timeout, record=record)
         ex.connect_to = connect_to
         call = make_call(ex, upstream)
-        handler = gen.handlers[route.name]
+        handler = (gen.handlers if token is None else gen.upgrade_handlers)[route.name]
         # No timer around the stack: every layer that waits bounds the wait by `ex.deadline` (a try's
         # timeout, a backoff, a hedge delay, a fault delay), which spares a timer per request.
         try:
             reply = await handler(ex, call)
         except (Degraded, UpstreamFailure) as exc:
             reply = self._failure_reply(ex, Failure.of(exc))
+        if reply.upgraded is not None:
+            if token is not None:
+                return await relay_upgraded(gen, self.listener, request, ex, reply, token)
+            reply.release()                  # a 101 nobody asked for: the upstream is broken
+            reply = json_error(502, "the upstream switched protocols unasked", route.name, [])
         return await self._write(request, ex, reply)
 
     def _failure_reply(self, ex: Exchange, failure: Failure) -> Reply:

@@ -88,6 +88,11 @@ class Response:
         if not content.is_eof():
             _fail_body_on_close(content, proto)
 
+    @property
+    def protocol(self) -> ResponseHandler:
+        """The connection's protocol: after a 101, proxy/takeover.py takes its socket over."""
+        return self._proto
+
     def release(self) -> None:
         if self._done:
             return
