@@ -69,6 +69,8 @@ async def relay_upgraded(gen, listener, request: web.BaseRequest, ex, reply, tok
         headers["x-sidecar-route"] = ex.route.name
         headers["x-sidecar-upstream"] = reply.upstream
         headers["x-sidecar-attempts"] = str(ex.attempts)
+        if reply.endpoint is not None:
+            headers["x-sidecar-endpoint"] = reply.endpoint
         degraded = ex.degraded_names() if ex.enforce else []
         if degraded:
             headers["x-sidecar-degraded"] = ",".join(degraded)

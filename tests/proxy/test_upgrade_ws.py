@@ -211,3 +211,34 @@ async def test_200_idle_sockets_cost_bounded_memory(sidecar, capsys):
     assert grown < 200 * 256
     for ws in [first, *opened]:
         await ws.close()
+
+
+async def test_handshake_retried_to_a_second_endpoint(tmp_path, upstream_factory):
+    up = await upstream_factory(ws_echo)
+    p = ports()
+    dead = f"http://127.0.0.1:{free_port()}"
+    sc = await start_sidecar(tmp_path, f"""
+    version: 1
+    listeners:
+      - {{name: api, mode: reverse, port: {p['reverse']}, upstream: pair}}
+    admin: {{bind: 127.0.0.1, port: {p['admin']}}}
+    health: {{bind: 127.0.0.1, port: {p['health']}}}
+    upstreams:
+      pair:
+        endpoints: [{{url: "{dead}"}}, {{url: "{up.url}"}}]
+        balance: round-robin
+    routes:
+      - name: ws
+        match: {{path_prefix: /}}
+        upstream: pair
+        retry: {{max_retries: 1, when: [connect-failure]}}
+    """)
+    try:
+        for _ in range(2):                    # whichever endpoint round-robin starts with
+            async with aiohttp.ClientSession() as s:
+                async with s.ws_connect(f"http://127.0.0.1:{p['reverse']}/echo") as ws:
+                    assert ws._response.headers["x-sidecar-endpoint"] == f"127.0.0.1:{up.port}"
+                    await ws.send_str("hi")
+                    assert (await asyncio.wait_for(ws.receive(), HANG_GUARD)).data == "hi"
+    finally:
+        await sc.stop()
