@@ -149,17 +149,17 @@ async def _relay(source: AsyncIterator[bytes], tr: StreamTranslator, head: bytes
     try:
         if head:
             yield head
-        if not tr.done:
-            async for chunk in source:
-                out = tr.feed(chunk)
-                if out:
-                    yield out
-                if tr.done:
-                    break
-            else:
-                tail = tr.end()
-                if tail:
-                    yield tail
+        # Read to the provider's end even after the translated stream is complete: the layers below
+        # (the LLM usage scanner in send.py) see each chunk only once the next one is asked for.
+        async for chunk in source:
+            out = tr.feed(chunk)
+            if out:
+                yield out
+            if tr.failed:
+                break
+        tail = tr.end()
+        if tail:
+            yield tail
     except UpstreamFailure as exc:
         yield tr.fail(f"the fallback provider's stream broke: {exc.kind}")
         raise

@@ -35,6 +35,7 @@ class AnthropicBackup:
         self.status = status
         self.bodies: list[dict] = []
         self.gate: asyncio.Event | None = None
+        self.pause = 0.0                     # between writes, so the sidecar reads them as separate chunks
 
     def message(self, doc):
         if doc.get("tools"):
@@ -67,8 +68,10 @@ class AnthropicBackup:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         raw = anthropic_sse(message).split(b"\n\n")[:-1]
+        raw[-2:] = [raw[-2] + b"\n\n" + raw[-1]]   # message_delta and message_stop in one write, as often
         for event in raw:
             await resp.write(event + b"\n\n")
+            await asyncio.sleep(self.pause)
             if self.gate is not None and b"text_delta" in event:
                 await self.gate.wait()       # the rest only once the app has seen this delta
                 self.gate = None
@@ -451,3 +454,22 @@ async def test_a_stream_cut_before_the_answer_began_is_a_failed_try(upstream_fac
                           json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
             assert r.status == 503 and r.headers["x-sidecar-upstream"] == "openai"   # the primary's own answer
     assert backup.hits == 1
+
+
+async def test_a_translated_stream_is_read_to_its_end_so_its_tokens_are_counted(o2a, port):
+    """The usage scanner below the translation sees each provider chunk once the next is asked for: the
+    translated stream reads the provider's to its end, so `message_delta`'s usage is counted."""
+    from prometheus_client.parser import text_string_to_metric_families
+    client, backend, _, _ = o2a
+    backend.pause = 0.01
+    for _ in range(2):
+        stream = await client.chat.completions.create(model="gpt-4o", stream=True,
+                                                      messages=[{"role": "user", "content": "count me"}])
+        async for _chunk in stream:
+            pass
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port['admin']}/metrics") as r:
+            text = await r.text()
+    tokens = {(s.labels["upstream"], s.labels["kind"]): s.value for family in text_string_to_metric_families(text)
+              for s in family.samples if s.name == "sidecar_llm_tokens_total"}
+    assert tokens[("anthropic", "input")] == 2 * 21 and tokens[("anthropic", "output")] == 2 * 8
