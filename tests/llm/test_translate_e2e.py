@@ -473,3 +473,30 @@ async def test_a_translated_stream_is_read_to_its_end_so_its_tokens_are_counted(
     tokens = {(s.labels["upstream"], s.labels["kind"]): s.value for family in text_string_to_metric_families(text)
               for s in family.samples if s.name == "sidecar_llm_tokens_total"}
     assert tokens[("anthropic", "input")] == 2 * 21 and tokens[("anthropic", "output")] == 2 * 8
+
+
+async def test_the_trace_names_the_translation_and_both_models(upstream_factory, sidecar_factory, port,
+                                                               otlp_http_receiver, monkeypatch):
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SDK_DISABLED",
+                "OTEL_TRACES_SAMPLER", "OTEL_SERVICE_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    primary = await upstream_factory(down())
+    backup = await upstream_factory(AnthropicBackup())
+    text = policy(port, primary.url, backup.url).replace(
+        "    upstreams:", f"    telemetry: {{traces: {{endpoint: \"{otlp_http_receiver.traces_url}\", "
+                         "protocol: http/protobuf, sample_ratio: 1.0}}\n    upstreams:", 1)
+    sc = await sidecar_factory(text)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port['reverse']}/v1", api_key="k", max_retries=0)
+    await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "traced"}])
+    await client.close()
+    for sink in sc.runtime.sink.sinks:
+        if hasattr(sink, "force_flush"):
+            sink.force_flush()
+    spans = otlp_http_receiver.wait_for_spans(3)
+    root = next(sp for sp in spans if sp.name == "chat")
+    fallback = [e for e in root.events if e.attributes.get("sidecar.decision") == "fallback"]
+    assert "(translated openai-chat/anthropic-messages)" in fallback[0].attributes["sidecar.reason"]
+    a = root.attributes
+    assert a["gen_ai.request.model"] == "gpt-4o"                       # what the app asked for
+    assert a["sidecar.llm.sent_model"] == "claude-sonnet-4-5"          # after translation and json_map
+    assert a["gen_ai.response.model"] == "claude-sonnet-4-5-20250929"  # what the provider served
