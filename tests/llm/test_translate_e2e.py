@@ -162,7 +162,8 @@ async def test_a_hedged_translated_backup_beats_a_primary_that_never_answers(ups
     backup = await upstream_factory(AnthropicBackup())
     text = policy(port, primary.url, backup.url).replace("when: [5xx]", "when: [5xx, timeout]\n          hedge: 100ms")
     # A POST is raced only where the route says POST may be sent twice (a completion has no side effect).
-    await sidecar_factory(text.replace("timeout: 20s", "timeout: 20s\n        retry: {max_retries: 1, methods: [POST]}"))
+    retry = "timeout: 20s\n        retry: {max_retries: 1, methods: [POST]}"
+    await sidecar_factory(text.replace("timeout: 20s", retry))
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port['reverse']}/v1", api_key="k", max_retries=0)
     raw = await client.chat.completions.with_raw_response.create(model="gpt-4o",
                                                                  messages=[{"role": "user", "content": "quick"}])
@@ -450,8 +451,8 @@ async def test_a_stream_cut_before_the_answer_began_is_a_failed_try(upstream_fac
     backup = await upstream_factory(cut)
     await sidecar_factory(policy(port, primary.url, backup.url))
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"http://127.0.0.1:{port['reverse']}/v1/chat/completions",
-                          json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+        body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        async with s.post(f"http://127.0.0.1:{port['reverse']}/v1/chat/completions", json=body) as r:
             assert r.status == 503 and r.headers["x-sidecar-upstream"] == "openai"   # the primary's own answer
     assert backup.hits == 1
 

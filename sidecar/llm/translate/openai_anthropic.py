@@ -46,8 +46,8 @@ IGNORED = ("seed", "store", "metadata", "service_tier", "prompt_cache_key", "saf
 class OpenAIToAnthropic:
     name: str = "openai-chat/anthropic-messages"
     path: str = "/v1/messages"
-    app_headers: tuple[str, ...] = ("authorization", "openai-organization", "openai-project", "openai-beta", "x-api-key",
-                   "api-key")
+    app_headers: tuple[str, ...] = ("authorization", "openai-organization", "openai-project", "openai-beta",
+                                    "x-api-key", "api-key")
     provider_headers: tuple[tuple[str, str], ...] = (("anthropic-version", "2023-06-01"),)
 
     def request(self, doc: object, *, max_tokens: int) -> Plan:
