@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from dnslib import AAAA, QTYPE, RR, A
-from dnslib.server import BaseResolver, DNSLogger, DNSServer
+from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 
 class _Records(BaseResolver):
@@ -15,8 +15,6 @@ class _Records(BaseResolver):
 
     def resolve(self, request, handler):
         self.queries += 1
-        if self.silent:
-            return None                                  # no answer at all: the client times out
         reply = request.reply()
         name = str(request.q.qname).rstrip(".").lower()
         qtype = QTYPE[request.q.qtype]
@@ -28,6 +26,15 @@ class _Records(BaseResolver):
         return reply
 
 
+class _Handler(DNSHandler):
+    def handle(self):
+        resolver = self.server.resolver
+        if resolver.silent:                              # no answer at all: the client times out
+            resolver.queries += 1
+            return
+        super().handle()
+
+
 class _Quiet(DNSLogger):
     def __init__(self) -> None:
         super().__init__(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
@@ -36,7 +43,8 @@ class _Quiet(DNSLogger):
 class DnsServer:
     def __init__(self) -> None:
         self.resolver = _Records()
-        self._server = DNSServer(self.resolver, port=0, address="127.0.0.1", tcp=False, logger=_Quiet())
+        self._server = DNSServer(self.resolver, port=0, address="127.0.0.1", tcp=False, logger=_Quiet(),
+                                 handler=_Handler)
         self._server.start_thread()
         self.port = self._server.server.server_address[1]
 

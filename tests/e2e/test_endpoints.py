@@ -86,6 +86,7 @@ async def test_one_replica_of_three_answering_503_is_ejected_and_the_breaker_nev
     ok = sum(1 for s, _ in results if s == 200)
     assert ok / 2000 >= 0.999, ok
     tries = good1.hits + bad.hits + good2.hits
+    print(f"\none bad of three: {ok}/2000 ok, tries {tries}, bad replica {bad.hits}")
     after_ejection = tries - 5 - 20              # its 5 failures, and at most one try in flight per client
     assert (bad.hits - 5) / after_ejection < 0.02, (bad.hits, tries)
     assert not any("breaker" in h.get("x-sidecar-degraded", "") for _, h in results)
@@ -122,6 +123,7 @@ async def test_all_replicas_failing_open_the_breaker_and_the_fallback_answers(
     assert all("breaker_open" in d for d in later), later
     route = next(r for r in (await status(port))["routes"] if r["name"] == "r")
     assert route["breakers"]["svc"]["state"] == "open"
+    print(f"\nall failing: replica tries {[r.hits for r in reps]} for 40 requests")
     assert sum(r.hits for r in reps) < 40          # the open breaker spared the replicas
 
 
@@ -135,6 +137,7 @@ async def test_a_slow_replica_gets_a_small_share_under_ewma(upstream_factory, si
     await sidecar_factory(policy(port, [fast1.url, slowr.url, fast2.url], "", balance="ewma"))
     results = await fire(port, 400, concurrency=4)
     assert all(s == 200 for s, _ in results)
+    print(f"\newma: fast {fast1.hits}, slow {slowr.hits}, fast {fast2.hits}")
     assert slowr.hits / 400 < 0.05, (fast1.hits, slowr.hits, fast2.hits)
     assert fast1.hits > 100 and fast2.hits > 100    # P2C spreads the rest over both fast ones
 
@@ -207,6 +210,8 @@ async def test_two_keyed_endpoints_one_rate_limited_with_the_openai_sdk(upstream
                 assert reply.choices[0].message.content in ("east", "west")
                 await asyncio.sleep(0.05)
         back_at = events["east"][1][0]
+        print(f"\ncooldown: east back after {back_at - limited_at:.2f}s, west served "
+              f"{sum(1 for t, _ in events['west'] if limited_at < t < back_at)} meanwhile")
         assert back_at - limited_at >= 2.0                         # nothing reached east inside its 2 s
         during = [t for t, _ in events["west"] if limited_at < t < limited_at + 2.0]
         assert len(during) >= 2                                    # west carried the traffic meanwhile
@@ -238,6 +243,7 @@ async def test_a_90_10_split_over_1000_requests(upstream_factory, sidecar_factor
     assert all(s == 200 for s, _ in results)
     n, p = 1000, 0.1
     sigma = math.sqrt(n * p * (1 - p))
+    print(f"\nsplit 90/10: stable {stable.hits}, canary {canary.hits}")
     assert abs(canary.hits - n * p) <= 5 * sigma, canary.hits       # 5 sigma: 53..147
     assert stable.hits + canary.hits == 1000
     assert sum(1 for _, h in results if h["x-sidecar-upstream"] == "canary") == canary.hits
