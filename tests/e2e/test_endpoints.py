@@ -358,3 +358,24 @@ async def test_health_checks_run_per_endpoint(upstream_factory, sidecar_factory,
     assert all(s == 200 for s, _ in results)
     assert after[1] == before[1]                             # the unhealthy replica is out of rotation
     assert after[0] - before[0] == 15 and after[2] - before[2] == 15
+
+
+async def test_a_hedge_goes_to_another_replica(upstream_factory, sidecar_factory, port):
+    release = asyncio.Event()
+
+    async def stuck(request):
+        await release.wait()
+        return web.Response(text="slow")
+    slow = await upstream_factory(stuck)
+    fast = await upstream_factory(ok_handler("fast"))
+    await sidecar_factory(policy(port, [slow.url, fast.url], """
+        hedge: {delay: 50ms, max_extra: 1}
+    """, balance="round-robin"))
+    try:
+        results = await fire(port, 1, concurrency=1)
+    finally:
+        release.set()
+    status_code, headers = results[0]
+    assert status_code == 200 and headers["x-sidecar-endpoint"] == f"127.0.0.1:{fast.port}"
+    assert (slow.hits, fast.hits) == (1, 1)              # the hedged try did not go back to the slow one
+    assert "hedge" in headers["x-sidecar-degraded"]
