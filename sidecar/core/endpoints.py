@@ -143,10 +143,12 @@ class EndpointSet:
         ep.in_flight += 1
         ep.requests += 1
 
-    def finish(self, ep: EndpointState, ok: bool | None, latency: float | None, now: float) -> EndpointEvent | None:
-        """A try ended: `ok` True (answered), False (failed: 5xx, connect failure, reset, timeout),
-        None (no verdict: cancelled, or a 429). `latency` feeds the EWMA when the endpoint answered."""
-        if ep.in_flight > 0:
+    def finish(self, ep: EndpointState, ok: bool | None, latency: float | None, now: float,
+               done: bool = True) -> EndpointEvent | None:
+        """A try's answer (or failure) is in: `ok` True (answered), False (failed: 5xx, connect failure,
+        reset, timeout), None (no verdict: cancelled, or a 429). `latency` feeds the EWMA. `done=False`:
+        a streamed body is still flowing, it stays in flight until `done(ep)`."""
+        if done and ep.in_flight > 0:
             ep.in_flight -= 1
         # A failure may only raise the estimate: a replica that fails fast must not look fast and
         # draw the traffic in (the "black hole" of latency-aware balancing).
@@ -165,6 +167,11 @@ class EndpointSet:
             return None
         return EndpointEvent(Decision.ENDPOINT_EJECTED, ep.key,
                              f"{self.outlier.consecutive_failures} consecutive failures; ejected for {duration:g}s")
+
+    def done(self, ep: EndpointState) -> None:
+        """A streamed answer's body ended (or was cut, or dropped): the try leaves the in-flight count."""
+        if ep.in_flight > 0:
+            ep.in_flight -= 1
 
     def cool_down(self, ep: EndpointState, seconds: float, now: float) -> EndpointEvent:
         """A 429 with Retry-After: this endpoint alone takes no request for that long."""

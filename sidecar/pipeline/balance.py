@@ -84,10 +84,15 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
     now = clock.monotonic()
     status = reply.status
     reply.endpoint = ep.key
+    # A streamed answer (SSE, a long download) stays in flight for least-request and EWMA until its
+    # body ends; the latency sample is the time to its head, as tower's PeakEwma takes it.
+    streamed = reply.stream is not None
+    if streamed:
+        reply.on_done.append(lambda ok: eset.done(ep))
     if status >= 500:
-        _note(ex, up.name, eset.finish(ep, False, now - started, now))
+        _note(ex, up.name, eset.finish(ep, False, now - started, now, done=not streamed))
     elif status == 429:
-        eset.finish(ep, None, now - started, now)
+        eset.finish(ep, None, now - started, now, done=not streamed)
         header = reply.headers.get("retry-after")
         hinted = parse_retry_after(header, clock.time()) if header else None
         if hinted is not None and hinted > 0:
@@ -95,7 +100,7 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
             # Retry-After speaks for this endpoint alone: a retry may go to another one at once.
             reply.elsewhere = eset.others_ready(ep, now)
     else:
-        eset.finish(ep, True, now - started, now)
+        eset.finish(ep, True, now - started, now, done=not streamed)
     return reply
 
 

@@ -222,3 +222,15 @@ def test_every_endpoint_failing_its_checks_sends_nothing_but_ejected_ones_panic(
         s.finish(a, False, 0.001, 0)
     p = s.pick(0, rng)                                # one ejected, one unhealthy: the ejected one, in panic
     assert p.panic and p.none_usable and p.endpoint is a
+
+
+def test_a_streamed_answer_stays_in_flight_until_its_body_ends():
+    s, clock, rng = make_set(2)
+    a = s.get("10.0.0.1:80")
+    s.start(a)
+    s.finish(a, True, 0.01, 0, done=False)
+    assert a.in_flight == 1
+    s.done(a)
+    assert a.in_flight == 0
+    s.done(a)
+    assert a.in_flight == 0

@@ -379,3 +379,31 @@ async def test_a_hedge_goes_to_another_replica(upstream_factory, sidecar_factory
     assert status_code == 200 and headers["x-sidecar-endpoint"] == f"127.0.0.1:{fast.port}"
     assert (slow.hits, fast.hits) == (1, 1)              # the hedged try did not go back to the slow one
     assert "hedge" in headers["x-sidecar-degraded"]
+
+
+async def test_a_streamed_answer_counts_in_flight_until_it_ends(upstream_factory, sidecar_factory, port):
+    go_on = asyncio.Event()
+
+    async def streaming(request):
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"data: one\n\n")
+        await go_on.wait()
+        await resp.write(b"data: two\n\n")
+        await resp.write_eof()
+        return resp
+    reps = [await upstream_factory(streaming) for _ in range(2)]
+    await sidecar_factory(policy(port, [r.url for r in reps], "", balance="least-request"))
+
+    def in_flight(st):
+        return sum(e["in_flight"] for e in st["endpoints"]["svc"]["endpoints"])
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port['reverse']}/stream") as r:
+            assert await r.content.readuntil(b"\n\n") == b"data: one\n\n"
+            assert in_flight(await status(port)) == 1           # the body is still flowing
+            go_on.set()
+            assert await r.read() == b"data: two\n\n"
+    async with asyncio.timeout(10):                             # a hang guard only
+        while in_flight(await status(port)) != 0:
+            await asyncio.sleep(0.02)
