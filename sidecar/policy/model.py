@@ -165,8 +165,9 @@ class Upstream:
 
     @property
     def balanced(self) -> bool:
-        """Several endpoints (or as many as DNS says): balanced per request. Else today's single path."""
-        return self.discovery == "dns" or len(self.endpoints) > 1
+        """Listed endpoints (even one: its own headers apply) or as many as DNS says: balanced per
+        request. A plain `url` takes the single-endpoint path, with no balancing cost."""
+        return self.discovery == "dns" or bool(self.endpoints)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,8 @@
     EndpointRegistry   one `core.endpoints.EndpointSet` per balanced upstream, kept across reloads; runs
                        DNS discovery and the per-endpoint health checks
 
-An upstream with one `url` (or one listed endpoint) and no discovery is not here at all: its requests
-take the single-endpoint path with no balancing cost. Each endpoint gets its own connection pool (the
+An upstream with one `url` and no discovery is not here at all: its requests take the single-endpoint
+path with no balancing cost. Each endpoint gets its own connection pool (the
 transport keys pools by origin), so a removed endpoint's pool is closed once its requests drained,
 and an HTTP/2 pool can take an endpoint's place without the balancer knowing.
 """

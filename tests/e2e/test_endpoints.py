@@ -206,7 +206,8 @@ async def test_two_keyed_endpoints_one_rate_limited_with_the_openai_sdk(upstream
         # While east cools down, west serves every request; then east comes back.
         async with asyncio.timeout(30):                           # a hang guard only
             while len(events["east"]) == 1:
-                reply = await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+                reply = await client.chat.completions.create(model="gpt-4o",
+                                                             messages=[{"role": "user", "content": "x"}])
                 assert reply.choices[0].message.content in ("east", "west")
                 await asyncio.sleep(0.05)
         back_at = events["east"][1][0]
@@ -407,3 +408,12 @@ async def test_a_streamed_answer_counts_in_flight_until_it_ends(upstream_factory
     async with asyncio.timeout(10):                             # a hang guard only
         while in_flight(await status(port)) != 0:
             await asyncio.sleep(0.02)
+
+
+async def test_one_listed_endpoint_gets_its_own_headers(upstream_factory, sidecar_factory, port):
+    up = await upstream_factory(ok_handler())
+    await sidecar_factory(policy(port, [up.url], "").replace(
+        f'- {{url: "{up.url}"}}', f'- {{url: "{up.url}", headers: {{api-key: only-one}}}}'))
+    results = await fire(port, 2, concurrency=1)
+    assert all(s == 200 and h["x-sidecar-endpoint"] == f"127.0.0.1:{up.port}" for s, h in results)
+    assert [r["headers"].get("api-key") for r in up.requests] == ["only-one", "only-one"]
