@@ -228,3 +228,30 @@ async def test_reconnects_after_the_admin_api_restarts(browser, upstream_factory
     await expect(opened.locator(".trace-id")).to_have_text(trace_ids[2], timeout=WAIT)
     # Connection errors while the API was down are expected console noise; script errors are not.
     assert [e for e in view.errors if e.startswith("pageerror")] == []
+
+
+async def test_endpoints_of_a_balanced_upstream_show_state_and_share(browser, upstream_factory, sidecar_factory,
+                                                                      port):
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+    good = await upstream_factory(ok)
+    bad = await upstream_factory(always_500)
+    text = policy(port, good.url).replace(
+        f'flaky: {{url: "{good.url}"}}',
+        f'flaky: {{balance: round-robin, outlier: {{consecutive_failures: 2}}, '
+        f'endpoints: [{{url: "{good.url}"}}, {{url: "{bad.url}"}}]}}')
+    await sidecar_factory(text)
+    view = await open_dashboard(browser, port)
+    page = view.page
+    async with aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.get(f"http://127.0.0.1:{port['reverse']}/x") as r:
+                await r.read()
+    rows = page.locator('#endpoints tr[data-upstream="flaky"]')
+    await expect(rows).to_have_count(2, timeout=WAIT)
+    bad_row = page.locator(f'#endpoints tr[data-endpoint="127.0.0.1:{bad.port}"]')
+    await expect(bad_row).to_have_attribute("data-state", "ejected", timeout=WAIT)
+    good_row = page.locator(f'#endpoints tr[data-endpoint="127.0.0.1:{good.port}"]')
+    await expect(good_row).to_have_attribute("data-state", "active")
+    await expect(good_row).to_contain_text("%")
+    assert view.errors == []
