@@ -73,3 +73,17 @@ async def _until(cond, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):          # a hang guard only: the condition decides
         while not cond():
             await asyncio.sleep(0.02)
+
+
+async def test_aaaa_records_are_endpoints_too(dns):
+    from sidecar.transport.endpoints import dns_targets
+    dns.set("orders.test", ["::1", "127.0.0.1"])
+    answers = []
+    up = upstream(dns)
+    disc = DnsDiscovery(up, answers.append)
+    await disc.refresh()
+    assert answers == [["127.0.0.1", "::1"]]
+    targets = {key: target for key, _, source, target in dns_targets(up, answers[0])}
+    assert list(targets) == ["127.0.0.1:8080", "[::1]:8080"]
+    v6 = targets["[::1]:8080"]
+    assert str(v6.url("/x")) == "http://[::1]:8080/x" and v6.host_header == "orders.test:8080"
