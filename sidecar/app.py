@@ -13,6 +13,7 @@ from aiohttp import web
 
 from sidecar.admin.app import admin_app, health_app
 from sidecar.admin.events import EventHub
+from sidecar.policy.errors import CertError
 from sidecar.policy.model import Policy
 from sidecar.proxy.guard import GuardedAppRunner
 from sidecar.queue import QueueError, open_queue
@@ -176,7 +177,7 @@ async def _main(policy: Policy, drain_timeout: float, *, reuse_port: bool = Fals
 
     try:
         sidecar = await start(policy, reuse_port=reuse_port, admin=admin)
-    except QueueError as exc:                # e.g. a state_dir that cannot be created: say so, exit 1
+    except (QueueError, CertError) as exc:   # e.g. a state_dir that cannot be created: say so, exit 1
         log.error("cannot start: %s", exc)
         return 1
     # What start-up built (modules, policy, pools) lives as long as the process: freeze it out of the

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     inj.add_argument("manifest", help="YAML file, or - for stdin")
     inj.add_argument("--image", default=os.environ.get("SIDECAR_IMAGE", "ghcr.io/sidecar/sidecar:0.1.0"))
     inj.add_argument("--transparent", action="store_true", help="add the iptables init container")
+    inj.add_argument("--intercept", action="store_true",
+                     help="HTTPS interception: mount the sidecar's CA bundle into the app and point "
+                          "SSL_CERT_FILE, REQUESTS_CA_BUNDLE and NODE_EXTRA_CA_CERTS at it")
     inj.add_argument("--configmap", default="sidecar-policy", help="name of the policy ConfigMap")
     inj.add_argument("--otlp-endpoint", help="set OTEL_EXPORTER_OTLP_ENDPOINT on the sidecar (default: the policy's)")
     inj.add_argument("--exclude-port", type=int, action="append", default=[],

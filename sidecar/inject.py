@@ -112,7 +112,7 @@ def _check_policy(policy_text: str, transparent: bool) -> None:
 
 def inject_documents(text: str, *, image: str, configmap: str, transparent: bool, policy_text: str | None,
                      otlp_endpoint: str | None = None, exclude_ports: Iterable[int] = (),
-                     source: str = "<manifest>", notes: list[str] | None = None) -> str:
+                     source: str = "<manifest>", notes: list[str] | None = None, intercept: bool = False) -> str:
     """The manifest with the sidecar added to every workload; raises InjectError, never half-done."""
     notes = [] if notes is None else notes
     exclude_ports = tuple(exclude_ports)
@@ -124,7 +124,7 @@ def inject_documents(text: str, *, image: str, configmap: str, transparent: bool
         raise InjectError(str(exc)) from None
     if policy_text is not None:
         _check_policy(policy_text, transparent)
-    opts = _Options(image, configmap, transparent, otlp_endpoint, exclude_ports)
+    opts = _Options(image, configmap, transparent, otlp_endpoint, exclude_ports, intercept)
 
     docs = _split(text, source)
     namespaces: list[str | None] = []
@@ -193,7 +193,8 @@ def inject_command(args) -> int:
     try:
         out = inject_documents(text, image=args.image, configmap=args.configmap, transparent=args.transparent,
                                policy_text=policy_text, otlp_endpoint=args.otlp_endpoint,
-                               exclude_ports=args.exclude_port, source=source, notes=notes)
+                               exclude_ports=args.exclude_port, source=source, notes=notes,
+                               intercept=getattr(args, "intercept", False))
     except InjectError as exc:
         print(f"sidecar inject: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,11 @@ OPT_OUT = "sidecar.io/inject"            # "false" on a workload or pod template
 CONTAINER = "sidecar"
 INIT_CONTAINER = "sidecar-init"
 POLICY_VOLUME, STATE_VOLUME, TMP_VOLUME = "sidecar-policy", "sidecar-state", "sidecar-tmp"
+# HTTPS interception: the sidecar publishes its CA certificate and a bundle (system CAs + it) here, never
+# its key (that stays in state_dir); the app containers mount it read-only and trust the bundle.
+CA_VOLUME, CA_DIR = "sidecar-ca", "/var/run/sidecar-ca"
+CA_BUNDLE = f"{CA_DIR}/intercept-bundle.pem"
+CA_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
 POLICY_DIR, POLICY_KEY, STATE_DIR = "/etc/sidecar", "policy.yaml", "/var/lib/sidecar"
 PROXY_PORT, TRANSPARENT_PORT, HEALTH_PORT = 15001, 15006, 15021
 PROXY_UID = 1337                         # the image's USER; the iptables rules never redirect it
@@ -51,8 +56,10 @@ def _probe(path: str, period: int, failures: int) -> dict:
 
 
 def sidecar_container(image: str, *, service_name: str, transparent: bool,
-                      otlp_endpoint: str | None = None) -> dict:
+                      otlp_endpoint: str | None = None, intercept: bool = False) -> dict:
     env = [{"name": "OTEL_SERVICE_NAME", "value": service_name}]
+    if intercept:
+        env.append({"name": "SIDECAR_CA_DIR", "value": CA_DIR})
     if otlp_endpoint:
         env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": otlp_endpoint})
     env += [
@@ -86,7 +93,7 @@ def sidecar_container(image: str, *, service_name: str, transparent: bool,
             {"name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": True},
             {"name": STATE_VOLUME, "mountPath": STATE_DIR},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},   # the root filesystem is read-only
-        ],
+        ] + ([{"name": CA_VOLUME, "mountPath": CA_DIR}] if intercept else []),
     }
 
 
@@ -113,13 +120,24 @@ def iptables_init_container(image: str, exclude_ports: Iterable[int] = ()) -> di
     }
 
 
-def sidecar_volumes(configmap: str) -> list[dict]:
+def sidecar_volumes(configmap: str, intercept: bool = False) -> list[dict]:
     return [
         {"name": POLICY_VOLUME, "configMap": {"name": configmap}},
         # The durable write queue: survives sidecar restarts, not pod deletion (state_dir).
         {"name": STATE_VOLUME, "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}},
-    ]
+    ] + ([{"name": CA_VOLUME, "emptyDir": {"sizeLimit": "4Mi"}}] if intercept else [])
+
+
+def _trust_ca(container: dict) -> None:
+    """The app trusts the sidecar's CA bundle (never overriding what the manifest set)."""
+    env = container.get("env") or []
+    names = {e.get("name") for e in env}
+    env += [{"name": name, "value": CA_BUNDLE} for name in CA_ENV if name not in names]
+    container["env"] = env
+    mounts = container.get("volumeMounts") or []
+    mounts.append({"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True})
+    container["volumeMounts"] = mounts
 
 
 def policy_configmap(name: str, policy_text: str, namespace: str | None) -> dict:
@@ -163,6 +181,7 @@ class _Options:
     transparent: bool
     otlp_endpoint: str | None
     exclude_ports: tuple[int, ...]
+    intercept: bool = False
 
 
 def _annotations(meta: dict) -> dict:
@@ -206,7 +225,7 @@ def _inject_workload(obj: dict, label: str, opts: _Options, notes: list[str]) ->
         notes.append(f"{label}: skipped (hostNetwork: true)")
         return False
     volumes = _list_of_mappings(spec.get("volumes"), label, "volumes")
-    ours = sidecar_volumes(opts.configmap)
+    ours = sidecar_volumes(opts.configmap, opts.intercept)
     clash = {v["name"] for v in ours} & {v.get("name") for v in volumes}
     if clash:
         raise InjectError(f"{label}: already has a volume named {sorted(clash)[0]!r}")
@@ -214,11 +233,14 @@ def _inject_workload(obj: dict, label: str, opts: _Options, notes: list[str]) ->
     if not opts.transparent:   # transparent mode captures traffic without the app's cooperation
         for container in containers + inits:
             _add_proxy_env(container)
+    if opts.intercept:
+        for container in containers + inits:
+            _trust_ca(container)
     labels = tmeta.get("labels") or {}
     base = (labels.get("app.kubernetes.io/name") or labels.get("app") or meta.get("name")
             or str(meta.get("generateName") or "app").rstrip("-"))
     added = [sidecar_container(opts.image, service_name=f"{base}-sidecar", transparent=opts.transparent,
-                               otlp_endpoint=opts.otlp_endpoint)]
+                               otlp_endpoint=opts.otlp_endpoint, intercept=opts.intercept)]
     if opts.transparent:
         added.insert(0, iptables_init_container(opts.image, opts.exclude_ports))
     # First, so the user's own init containers already have a running proxy (and, in transparent

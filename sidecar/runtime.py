@@ -42,7 +42,7 @@ SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
 class Generation:
     __slots__ = ("policy", "router", "states", "handlers", "replay_limits", "transport", "sink", "clock",
                  "rng", "sleep", "health", "queue", "own_ports", "head_sampler", "relays",
-                 "endpoints", "upgrade_handlers")
+                 "endpoints", "upgrade_handlers", "interceptors")
 
     def __init__(self, policy: Policy, runtime: "Runtime") -> None:
         self.policy = policy
@@ -67,6 +67,9 @@ class Generation:
         self.head_sampler = runtime.head_sampler
         self.relays = runtime.relays
         self.endpoints = runtime.endpoints   # balanced upstreams' endpoint sets (transport/endpoints.py)
+        # HTTPS interception per listener (proxy/intercept.py); a CA that cannot be loaded fails the load
+        self.interceptors = {lst.name: runtime.interceptor(lst) for lst in policy.listeners
+                             if lst.intercept is not None}
 
     def policy_upstream(self, name: str):
         return self.policy.upstreams[name]
@@ -83,6 +86,8 @@ class Runtime:
         self.health: dict[str, HealthState] = {}
         self.queue = queue                   # sidecar.queue.DurableQueue, when a route has `queue:`
         self.relays = Relays()               # tunnels, upgrades, passthrough: SIGTERM reaches them here
+        self._interceptors: dict = {}        # (listener name, Intercept) -> Interceptor
+        self._first_policy = policy
         self.sink = FanoutSink(list(sinks or []))
         self.endpoints = EndpointRegistry(self.transport, self.sink, clock)
         self.endpoints.sync(policy.upstreams)
@@ -105,6 +110,20 @@ class Runtime:
     @property
     def policy(self) -> Policy:
         return self.gen.policy
+
+    def interceptor(self, listener: Listener):
+        """The listener's Interceptor, kept across reloads while its hosts and CA are unchanged (so are
+        its cached leaf certificates)."""
+        from sidecar.proxy.certs import load_or_create
+        from sidecar.proxy.intercept import Interceptor
+        intercept = listener.intercept
+        key = (listener.name, intercept)
+        held = self._interceptors.get(key)
+        if held is None:
+            state_dir = self.gen.policy.state_dir if hasattr(self, "gen") else self._first_policy.state_dir
+            authority = load_or_create(intercept.ca_cert_file, intercept.ca_key_file, state_dir)
+            held = self._interceptors[key] = Interceptor(self, authority, intercept)
+        return held
 
     # -- listeners ---------------------------------------------------------------------------------
     async def _bind(self, listener: Listener, reuse_port: bool = False) -> tuple[web.Server, asyncio.AbstractServer]:

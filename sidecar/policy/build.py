@@ -24,7 +24,7 @@ from sidecar.policy.model import DEFAULT_MAX_TOKENS
 from sidecar.policy.model import (
     BackoffPolicy, BreakerPolicy, BudgetPolicy, CachePolicy, ConcurrencyPolicy, Conditions, Endpoint,
     FallbackPolicy, FallbackTarget, FaultAbort, FaultDelay, FaultPolicy, HeaderMatch, HealthCheck,
-    HedgePolicy, JsonCondition, JsonMap, Listener, LlmPolicy, Match, OutlierPolicy, Policy, QueuePolicy,
+    HedgePolicy, Intercept, JsonCondition, JsonMap, Listener, LlmPolicy, Match, OutlierPolicy, Policy, QueuePolicy,
     RateLimitPolicy, RetryPolicy, Rewrite, Route, SlowCall, SplitTarget, StaticResponse, Telemetry, TlsConfig,
     TracesConfig, Upstream, UpstreamEndpoint, WarmPath,
 )
@@ -151,6 +151,16 @@ class _Builder(Checker):
                 extra["sniff_timeout"] = self.duration(d["sniff_timeout"], sub + ("sniff_timeout",))
             if "idle_timeout" in d:
                 extra["idle_timeout"] = self.duration(d["idle_timeout"], sub + ("idle_timeout",))
+            if d.get("intercept") is not None:
+                if mode == "reverse":
+                    self.fail(sub + ("intercept",), f"listener '{name}': interception is for proxy and "
+                                                    "transparent listeners (a reverse listener's app speaks plain HTTP)")
+                ic = d["intercept"]
+                ca = ic.get("ca") or {}
+                extra["intercept"] = Intercept(
+                    hosts=tuple(h.lower().rstrip(".") for h in ic["hosts"]),
+                    ca_cert_file=os.path.join(self.base_dir, ca["cert_file"]) if ca else None,
+                    ca_key_file=os.path.join(self.base_dir, ca["key_file"]) if ca else None)
             out.append(Listener(name=name, mode=mode, port=int(port or 0),
                                 bind=d.get("bind", "127.0.0.1"), upstream=upstream, **extra))
         return tuple(out)

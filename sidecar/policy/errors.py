@@ -34,3 +34,8 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     """` (did you mean 'retry'?)` when `word` is close to one of `choices`, else the empty string."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class CertError(Exception):
+    """HTTPS interception's CA could not be loaded or made (proxy/certs.py); the message names the
+    file, never the key."""

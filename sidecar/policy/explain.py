@@ -6,6 +6,8 @@ policy it would get after `defaults`, printed as YAML with durations and sizes a
     upstream: openai            # null: the request's original destination
     destination: https://api.openai.com:443
     policy: {timeout: 30s, retry: {...}, ...}
+    listeners:                  # how each listener carries this URL (README "What each listener carries")
+      egress: relayed with connect-level policy (CONNECT tunnel, route chat-tls) ...
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ def explain_command(policy_path: str, method: str, url: str, header_strings: lis
         return 1
     authority = parts.netloc.rpartition("@")[2] or headers.get("host", "")
     route = Router(policy).match(method, authority, parts.path or "/", headers)
-    sys.stdout.write(yaml.dump(explain(policy, route, parts.scheme or "http", authority), Dumper=_Dumper,
+    out = explain(policy, route, parts.scheme or "http", authority)
+    out["listeners"] = carried(policy, parts.scheme or "http", parts.hostname or "")
+    sys.stdout.write(yaml.dump(out, Dumper=_Dumper,
                                sort_keys=False, default_flow_style=False, allow_unicode=True))
     return 0
 
@@ -100,6 +104,41 @@ def _destination(up: Upstream) -> str | list[dict]:
     if up.endpoints:
         return [{"url": e.url, "weight": e.weight} for e in up.endpoints]
     return up.url
+
+
+def carried(policy: Policy, scheme: str, host: str) -> dict[str, str]:
+    """Per listener: is a call to this URL governed (the full route policy), relayed with connect-level
+    policy (connect timeout, breaker on connect failures, a span; no retry, fallback or cache), or not
+    carried at all."""
+    router = Router(policy)
+    connect_route = router.match("CONNECT", host, "", {})
+    if connect_route is None:
+        relay_route = "no route: denied (unmatched: deny)" if policy.unmatched == "deny" else "route default"
+    else:
+        relay_route = f"route {connect_route.name}"
+    tls = scheme in ("https", "wss")
+    out: dict[str, str] = {}
+    for lst in policy.listeners:
+        intercepted = lst.intercept is not None and lst.intercept.lists(host)
+        if scheme in ("http", "ws"):
+            what = {"proxy": "governed (absolute-form request through HTTP_PROXY)",
+                    "reverse": f"governed (when the app's base URL is this listener; sent to upstream "
+                               f"{lst.upstream})",
+                    "transparent": "governed (HTTP/1.1, routed on Host)"}[lst.mode]
+        elif tls and intercepted:
+            what = "governed (HTTPS intercepted: TLS terminated with the sidecar's CA, the route policy applies)"
+        elif tls:
+            what = {"proxy": f"relayed with connect-level policy (CONNECT tunnel, {relay_route})",
+                    "reverse": "not carried: a reverse listener takes plain HTTP (the sidecar originates "
+                               "TLS to an https:// upstream)",
+                    "transparent": f"relayed with connect-level policy (TLS routed on SNI, {relay_route})"}[lst.mode]
+        else:
+            what = {"proxy": f"relayed with connect-level policy if the client sends CONNECT ({relay_route})",
+                    "reverse": "not carried: a reverse listener takes HTTP only",
+                    "transparent": f"relayed with connect-level policy (TCP, routed on the address, "
+                                   f"{relay_route})"}[lst.mode]
+        out[lst.name] = what
+    return out
 
 
 def _origin(scheme: str, authority: str) -> str | None:

@@ -50,6 +50,19 @@ class Conditions:
 
 
 @dataclass(frozen=True, slots=True)
+class Intercept:
+    """HTTPS interception on a proxy or transparent listener (proxy/intercept.py)."""
+    hosts: tuple[str, ...]               # exact names, or "*.suffix"
+    ca_cert_file: str | None = None      # both or neither; neither: a CA generated into state_dir
+    ca_key_file: str | None = None
+
+    def lists(self, host: str) -> bool:
+        """`api.openai.com` matches itself; `*.internal` matches any name under `internal` (not itself)."""
+        host = host.lower().rstrip(".")
+        return any(host.endswith(p[1:]) if p.startswith("*.") else host == p for p in self.hosts)
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     mode: ListenerMode
@@ -58,6 +71,7 @@ class Listener:
     upstream: str | None = None          # reverse mode only
     sniff_timeout: float = 0.2           # transparent: no byte from the app this long -> relayed as TCP
     idle_timeout: float = 3600.0         # a relayed connection (tunnel, upgrade, passthrough) with no byte
+    intercept: Intercept | None = None   # proxy and transparent: TLS terminated for these hosts
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,9 +155,15 @@ class Front:
 
     def relay(self, transport: asyncio.Transport, first: bytes, kind: Kind, hello: ClientHello | None) -> None:
         from sidecar.proxy.passthrough import passthrough   # import cycle: passthrough uses the runtime
-        task = asyncio.get_running_loop().create_task(
-            passthrough(self.runtime.gen, self.listener, transport, first, kind.value,
-                        hello.server_name if hello is not None else None))
+        gen = self.runtime.gen
+        name = hello.server_name if hello is not None else None
+        interceptor = gen.interceptors.get(self.listener.name) if name else None
+        if interceptor is not None and interceptor.wants(name):
+            dst = original_destination(transport)
+            work = interceptor.serve(self.listener, transport, name, dst[1] if dst else 443, first)
+        else:
+            work = passthrough(gen, self.listener, transport, first, kind.value, name)
+        task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

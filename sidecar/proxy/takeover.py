@@ -46,3 +46,50 @@ def upstream_takeover(proto: ResponseHandler) -> tuple[asyncio.Transport, bytes]
     tail, proto._tail = proto._tail, b""
     proto.transport = None               # so a later close() of the protocol leaves the socket alone
     return transport, tail
+
+
+class _Secured(asyncio.Protocol):
+    """The TLS layer's first app protocol: once the handshake is done, hands over to `choose(...)`."""
+
+    def __init__(self, choose) -> None:
+        self.choose = choose
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        protocol = self.choose(transport)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:   # pragma: no cover - replaced before any data
+        raise RuntimeError("data before the TLS app protocol was chosen")
+
+    def connection_lost(self, exc) -> None:
+        pass
+
+
+def serve_tls(transport: asyncio.Transport, context, first: bytes, choose, ready: asyncio.Future, *,
+              handshake_timeout: float) -> _Secured:
+    """Be the TLS server on a connection already accepted (and maybe already read from: `first` holds
+    the ClientHello a sniffer took). asyncio's `start_tls` cannot be handed bytes already read, so its
+    SSLProtocol is set up here the way `start_tls` does it, with `first` fed in before reading resumes.
+    `ready` resolves when the handshake is done (or fails); then `choose(tls_transport)` gives the
+    protocol for the decrypted stream. Close the connection with `.transport.close()` (TLS close_notify)
+    or, before the handshake completed, the returned object's raw transport."""
+    from asyncio import sslproto
+    loop = asyncio.get_running_loop()
+    secured = _Secured(choose)
+    tls = sslproto.SSLProtocol(loop, secured, context, ready, server_side=True, call_connection_made=True,
+                               ssl_handshake_timeout=handshake_timeout)
+    transport.set_protocol(tls)
+    tls.connection_made(transport)
+    view = memoryview(first)
+    while view:
+        buf = tls.get_buffer(len(view))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        tls.buffer_updated(n)
+        view = view[n:]
+    transport.resume_reading()
+    secured.raw = transport
+    return secured

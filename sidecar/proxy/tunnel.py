@@ -27,6 +27,13 @@ async def tunnel(gen, request: web.BaseRequest, listener) -> web.StreamResponse:
     if not host or not port_text.isdigit():
         return _error(400, "CONNECT needs host:port")
     port = int(port_text)
+    interceptor = gen.interceptors.get(listener.name)
+    if interceptor is not None and interceptor.wants(host):
+        # Terminated here; each decrypted request then meets the route policy (proxy/intercept.py).
+        transport = app_transport(request)
+        transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await interceptor.serve(listener, transport, host, port, app_tail(request))
+        return app_released(request)
     route, refusal = match_host(gen, host)
     if refusal is not None:
         deny(gen, host, port, "tunnel", listener.name, refusal)

@@ -340,3 +340,30 @@ def test_a_policy_reading_the_pods_environment_is_embedded(tmp_path, capsys, man
     rc, out, err = run_cli(capsys, "-c", str(policy), str(manifest))
     assert rc == 0, err
     assert docs_of(out)[0]["data"]["policy.yaml"] == text
+
+
+@pytest.mark.parametrize("transparent", [False, True])
+def test_intercept_mounts_the_ca_bundle_and_points_the_app_at_it(transparent):
+    policy = (DEPLOY / "base" / "policy.yaml").read_text()
+    docs = docs_of(inject(transparent=transparent, intercept=True, policy_text=policy))
+    validate_strict(docs, K8S_VERSIONS[-1])
+    bundle = "/var/run/sidecar-ca/intercept-bundle.pem"
+    for name, _, spec in pod_specs(docs):
+        sidecar = next(c for c in spec["initContainers"] if c["name"] == "sidecar")
+        assert {"name": "SIDECAR_CA_DIR", "value": "/var/run/sidecar-ca"} in sidecar["env"]
+        assert {"name": "sidecar-ca", "mountPath": "/var/run/sidecar-ca"} in sidecar["volumeMounts"]
+        # the key stays in the sidecar's own state volume, which no app container mounts
+        for c in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["SSL_CERT_FILE"] == env["REQUESTS_CA_BUNDLE"] == env["NODE_EXTRA_CA_CERTS"] == bundle, name
+            mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+            assert mounts["sidecar-ca"] == {"name": "sidecar-ca", "mountPath": "/var/run/sidecar-ca", "readOnly": True}
+            assert "sidecar-state" not in mounts
+        assert {"name": "sidecar-ca", "emptyDir": {"sizeLimit": "4Mi"}} in spec["volumes"]
+
+
+def test_without_intercept_nothing_about_a_ca_is_added():
+    for _, _, spec in pod_specs(docs_of(inject())):
+        assert all(v["name"] != "sidecar-ca" for v in spec["volumes"])
+        for c in spec["containers"]:
+            assert "SSL_CERT_FILE" not in {e["name"] for e in c.get("env", [])}

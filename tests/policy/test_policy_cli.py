@@ -66,7 +66,37 @@ def test_explain_unmatched_passthrough_and_deny():
     assert out["destination"] == "https://example.org:443"
     assert out["policy"]["timeout"] == "15s" and out["policy"]["retry"]["max_body"] == "64KiB"
     result = run("explain", "-c", "policies/tenants.yaml", "GET", "http://elsewhere/")
-    assert yaml.safe_load(result.stdout) == {"route": None, "unmatched": "deny"}
+    out = yaml.safe_load(result.stdout)
+    assert {k: v for k, v in out.items() if k != "listeners"} == {"route": None, "unmatched": "deny"}
+
+
+def test_explain_says_how_each_listener_carries_the_url(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\n"
+        "listeners:\n"
+        "  - {name: egress, mode: proxy, port: 15001, intercept: {hosts: [api.openai.com]}}\n"
+        "  - {name: mesh, mode: transparent, port: 15006}\n"
+        "  - {name: llm, mode: reverse, port: 15002, upstream: openai}\n"
+        "upstreams: {openai: {url: 'https://api.openai.com'}}\n"
+        "routes:\n"
+        "  - {name: chat, match: {host: api.openai.com}, upstream: openai}\n"
+        "  - {name: db, match: {host: 10.0.0.5}}\n")
+
+    def listeners(url):
+        result = run("explain", "-c", "p.yaml", "GET", url, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return yaml.safe_load(result.stdout)["listeners"]
+    https = listeners("https://api.openai.com/v1/chat/completions")
+    assert https["egress"].startswith("governed (HTTPS intercepted")
+    assert https["mesh"] == "relayed with connect-level policy (TLS routed on SNI, route chat)"
+    assert https["llm"].startswith("not carried")
+    other = listeners("https://example.org/")
+    assert other["egress"] == "relayed with connect-level policy (CONNECT tunnel, route default)"
+    plain = listeners("http://example.org/")
+    assert all(v.startswith("governed") for v in plain.values()), plain
+    tcp = listeners("redis://10.0.0.5:6379")
+    assert tcp["mesh"].startswith("relayed with connect-level policy (TCP") and "route db" in tcp["mesh"]
+    assert tcp["llm"].startswith("not carried")
 
 
 def test_explain_redacts_secrets(tmp_path):

@@ -1,0 +1,117 @@
+"""Opt-in HTTPS interception (SPEC "HTTPS interception"): a CONNECT to a listed host is answered
+`200`, then the sidecar is the TLS server for that host, with a leaf certificate its CA signs
+(certs.py), and every decrypted request goes through the route policy like a plain one: retries,
+breakers, fallbacks with rewrites, caching. The upstream side is TLS again, verified as usual (the
+system CAs, or the upstream's `tls.ca_file`). Hosts not listed keep the opaque tunnel.
+
+    app --CONNECT h:443--> listener --200--> [TLS as h, leaf from our CA] --> HTTP/1.1 handler --> policy
+                                                                  (ALPN h2 -> sniff.register_h2's hook)
+
+An app that does not trust the CA fails its handshake; the sidecar logs one line and closes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from yarl import URL
+
+from sidecar.policy.model import Intercept, Listener
+from sidecar.proxy import sniff
+from sidecar.proxy.certs import Authority, Leaves
+from sidecar.proxy.guard import GuardedServer
+from sidecar.proxy.server import ListenerHandler, _origin_form, json_error
+from sidecar.proxy.takeover import serve_tls
+
+log = logging.getLogger("sidecar.intercept")
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class InterceptedHandler(ListenerHandler):
+    """The listener's handler for one intercepted connection: requests arrive in origin form and mean
+    `https://HOST:PORT` of the CONNECT."""
+
+    def __init__(self, runtime, listener: Listener, host: str, port: int) -> None:
+        super().__init__(runtime, listener)
+        self.host, self.port = host, port
+
+    def _target(self, gen, request: web.BaseRequest):
+        if request.method == "CONNECT":
+            return json_error(405, "CONNECT inside an intercepted connection", None, [])
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        authority = host if self.port == 443 else f"{host}:{self.port}"
+        try:
+            return URL(f"https://{authority}{_origin_form(request.raw_path)}", encoded=True), None, None
+        except ValueError:
+            return json_error(400, "bad request target", None, [])
+
+
+class _OneConnection(GuardedServer):
+    """The HTTP/1 server of one intercepted connection; `closed` resolves when it ends."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, handler, exc=None) -> None:
+        super().connection_lost(handler, exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class Interceptor:
+    """One per listener with `intercept`: which hosts are terminated, and their certificates."""
+
+    def __init__(self, runtime, authority: Authority, intercept: Intercept) -> None:
+        self.runtime = runtime
+        self.intercept = intercept
+        self.leaves = Leaves(authority, sniff.ALPN_PROTOCOLS)
+
+    def wants(self, host: str) -> bool:
+        return self.intercept.lists(host)
+
+    async def serve(self, listener: Listener, transport: asyncio.Transport, host: str, port: int,
+                    first: bytes = b"") -> None:
+        """Be the TLS server for `host` on `transport` (whose ClientHello may be in `first`), then serve
+        the decrypted requests until the connection closes."""
+        from sidecar.runtime import SERVER_LIMITS      # import cycle: the runtime builds listeners
+        server = _OneConnection(InterceptedHandler(self.runtime, listener, host, port), access_log=None,
+                                **SERVER_LIMITS)
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        h2 = []
+
+        def secured(tls_transport: asyncio.Transport) -> asyncio.Protocol:
+            ssl_object = tls_transport.get_extra_info("ssl_object")
+            alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+            factory = sniff.h2_factory()
+            if alpn == "h2" and factory is not None:
+                h2.append(True)           # the hook's protocol owns the connection from here
+                return factory(sniff.Sniffed(tls_transport, b"", listener, self.runtime, None, alpn, host))
+            return server()
+
+        try:
+            tls = serve_tls(transport, self.leaves.context(host), first, secured, ready,
+                            handshake_timeout=HANDSHAKE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - a certificate that cannot be made: refuse this one
+            log.warning("intercept %s: no certificate (%s); connection closed", host, type(exc).__name__)
+            transport.abort()
+            return
+        try:
+            await ready
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            # Usually an app that does not trust the sidecar's CA: one line, no traceback.
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.warning("intercept %s:%d: TLS handshake with the app failed (%s); does the app trust the "
+                        "sidecar's CA?", host, port, reason)
+            tls.raw.abort()
+            return
+        if h2:
+            return
+        try:
+            await server.closed
+        finally:
+            if tls.transport is not None and not tls.transport.is_closing():
+                tls.transport.close()
