@@ -167,3 +167,42 @@ async def test_leaves_are_cached_and_short_lived(intercepting):
     assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds() <= 25 * 3600
     assert interceptor.wants("x.intercepted.test") and not interceptor.wants("intercepted.test")
     assert not interceptor.wants("provider.test.evil")
+
+
+async def test_transparent_listener_intercepts_a_listed_sni(tmp_path, upstream_factory, provider_tls, monkeypatch):
+    """A ClientHello for a listed host on the transparent listener is terminated too; the request inside
+    meets its route (here: answered by the backup provider)."""
+    from sidecar.proxy import passthrough, sniff
+    ca_file, server_ctx = provider_tls
+    up = await upstream_factory(backup, ssl_context=server_ctx)
+    monkeypatch.setattr(sniff, "original_destination", lambda transport: ("127.0.0.1", 443))
+    monkeypatch.setattr(passthrough, "original_destination", lambda transport: ("127.0.0.1", up.port))
+    p = ports()
+    state = tmp_path / "state"
+    sc = await start_sidecar(tmp_path, f"""
+    version: 1
+    state_dir: {state}
+    listeners:
+      - {{name: mesh, mode: transparent, port: {p['proxy']}, intercept: {{hosts: [provider.test]}}}}
+    admin: {{bind: 127.0.0.1, port: {p['admin']}}}
+    health: {{bind: 127.0.0.1, port: {p['health']}}}
+    upstreams:
+      backup: {{url: "{up.url}", tls: {{ca_file: "{ca_file}"}}}}
+    routes:
+      - name: chat
+        match: {{host: provider.test}}
+        upstream: backup
+    """)
+    try:
+        ctx = ssl.create_default_context(cafile=str(state / "intercept-bundle.pem"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", p["proxy"], ssl=ctx,
+                                                       server_hostname="provider.test")
+        body = json.dumps({"model": "m", "messages": []}).encode()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: provider.test\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        answer = await asyncio.wait_for(reader.read(), HANG_GUARD)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert b"x-sidecar-route: chat" in answer.lower() and b"backup answered as m" in answer
+    finally:
+        await sc.stop()

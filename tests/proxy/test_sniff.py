@@ -276,3 +276,35 @@ def test_sniff_timeout_is_a_transparent_listener_setting(tmp_path):
     path.write_text("version: 1\nlisteners:\n  - {name: t, mode: transparent, sniff_timeout: 50ms, idle_timeout: 5m}\n")
     listener, = load_policy(str(path)).listeners
     assert (listener.sniff_timeout, listener.idle_timeout) == (0.05, 300.0)
+
+
+async def test_truncated_and_random_first_bytes_are_relayed_whole_after_the_sniff_timeout(transparent):
+    """Whatever the app sends first (a ClientHello cut anywhere, random bytes) and then waits: the
+    sidecar decides by `sniff_timeout` and relays every byte it read to the original destination."""
+    import random
+    from test_clienthello import HELLO
+    received: list[bytes] = []
+
+    async def sink(reader, writer):
+        received.append(await reader.read(65536))
+        writer.write(b"ack")
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    p, sc, rec, target = await transparent()
+    target.append(("127.0.0.1", server.sockets[0].getsockname()[1]))
+    rng = random.Random(15)
+    cases = [HELLO[:n] for n in rng.sample(range(1, len(HELLO)), 12)] + \
+        [bytes([0x16, 0x03]) + rng.randbytes(rng.randrange(1, 300)) for _ in range(6)] + \
+        [rng.randbytes(rng.randrange(1, 300)) for _ in range(6)] + [b"GET /half", b"PRI * HT"]
+    for first in cases:
+        reader, writer = await asyncio.open_connection("127.0.0.1", p["proxy"])
+        writer.write(first)
+        if first.startswith((b"GET", b"PRI")):
+            writer.close()                    # a partial request line is HTTP's to refuse (408 later)
+            continue
+        answer = await asyncio.wait_for(reader.read(), HANG_GUARD)
+        writer.close()
+        assert answer == b"ack", first
+        assert received[-1] == first
+    server.close()
