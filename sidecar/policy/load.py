@@ -214,7 +214,7 @@ def _explain(err: jsonschema.ValidationError) -> Iterator[tuple[tuple, bool, str
 
 def _message(err: jsonschema.ValidationError, schema: dict) -> str:
     kind, value = err.validator, err.instance
-    if "errorMessage" in schema and kind in ("anyOf", "oneOf", "not", "pattern", "const"):
+    if "errorMessage" in schema and kind in ("anyOf", "oneOf", "not", "pattern", "const", "minProperties"):
         got = "" if isinstance(value, (dict, list)) else f", got {_describe(value)}"
         return f"{schema['errorMessage']}{got}"
     if kind == "type":
