@@ -13,6 +13,7 @@ No I/O; the clock is injected, so tests move a `FakeClock` across the minute.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from .clock import Clock
@@ -103,3 +104,36 @@ class TokenWindow:
         if tokens > 0:
             self._average = tokens if self._average is None else \
                 self._average + _AVERAGE_WEIGHT * (tokens - self._average)
+
+
+class KeyedTokenWindows:
+    """One window per key value (`rate_limit.key`), bounded like the request buckets: past `max_keys`
+    the least recently used window is dropped (its key starts again from an empty minute)."""
+    __slots__ = ("limit", "max_keys", "_clock", "_windows", "evictions")
+
+    def __init__(self, limit: int, max_keys: int, clock: Clock) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys!r}")
+        self.limit = limit
+        self.max_keys = max_keys
+        self._clock = clock
+        self._windows: OrderedDict[str, TokenWindow] = OrderedDict()
+        self.evictions = 0
+
+    def window(self, key: str) -> TokenWindow:
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = TokenWindow(self.limit, self._clock)
+            if len(self._windows) > self.max_keys:
+                self._windows.popitem(last=False)
+                self.evictions += 1
+        else:
+            self._windows.move_to_end(key)
+        return window
+
+    def spent(self) -> dict[str, int]:
+        """Tokens in each key's window, most recently used last (for /status)."""
+        return {key: w.spent() for key, w in self._windows.items()}
+
+    def __len__(self) -> int:
+        return len(self._windows)

@@ -59,3 +59,16 @@ def test_usage_arriving_after_its_slot_expired_is_dropped():
     clock.advance(61)
     w.settle(r, 900)
     assert w.spent() == 0
+
+
+def test_one_window_per_key_bounded():
+    from sidecar.core.tokenwindow import KeyedTokenWindows
+    clock = FakeClock()
+    windows = KeyedTokenWindows(1000, max_keys=2, clock=clock)
+    for _ in range(3):
+        assert call(windows.window("tenant-a"), 300)[0]
+    assert not call(windows.window("tenant-a"), 300)[0]    # a's minute is full
+    assert call(windows.window("tenant-b"), 300)[0]        # b has its own
+    windows.window("tenant-c")                             # a third key evicts the least recent (a)
+    assert len(windows) == 2 and windows.evictions == 1
+    assert windows.window("tenant-a").spent() == 0
