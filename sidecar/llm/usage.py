@@ -26,12 +26,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Protocol, TypeGuard
+from typing import TypeGuard
 
-class Prices(Protocol):
-    def price(self, model: str | None) -> tuple[float, float] | None: ...
+from sidecar.telemetry.genai import LlmCall
 
+__all__ = ["AnswerScanner", "LlmCall", "request_shape", "scan_body", "absorb"]
 
 # (path suffix, provider, operation name per the OpenTelemetry GenAI conventions, API)
 _SHAPES: tuple[tuple[str, str, str, str], ...] = (
@@ -47,45 +46,6 @@ MAX_SSE_LINE = 256 * 1024        # a longer SSE line is skipped (usage lines are
 MAX_JSON_BODY = 4 * 1024 * 1024  # a streamed (chunked) JSON answer is read up to this, then given up
 MAX_MODEL_CHARS = 200            # a "model" longer than this is not a model name
 _PROBE_EVENTS = 8                # data events parsed while the model is still unknown, then only likely ones
-
-
-@dataclass(slots=True)
-class LlmCall:
-    """One try's LLM figures. Request fields come from the body sent; the rest from the answer."""
-    provider: str                          # gen_ai.provider.name: openai | anthropic
-    operation: str                         # gen_ai.operation.name: chat | text_completion | embeddings
-    api: str                               # chat.completions | completions | embeddings | responses | messages
-    request_model: str | None = None       # as sent to this upstream (after json_map / translation)
-    max_tokens: int | None = None
-    stream: bool = False
-    response_model: str | None = None
-    response_id: str | None = None
-    input_tokens: int | None = None        # includes provider-cached input, as the GenAI conventions ask
-    output_tokens: int | None = None
-    cache_read_tokens: int | None = None
-    cache_write_tokens: int | None = None
-    finish_reasons: list[str] = field(default_factory=list)
-    first_chunk_ns: int = 0                # wall clock of the first SSE event (streams only)
-    prices: "Prices | None" = None         # the policy's `llm.prices`, for cost()
-
-    @property
-    def has_usage(self) -> bool:
-        return self.input_tokens is not None or self.output_tokens is not None
-
-    @property
-    def model(self) -> str | None:
-        return self.response_model or self.request_model
-
-    def cost(self) -> float | None:
-        """In the currency of the policy's prices; None without a price for this model."""
-        if self.prices is None or not self.has_usage:
-            return None
-        price = self.prices.price(self.response_model) or self.prices.price(self.request_model) \
-            or self.prices.price("*")
-        if price is None:
-            return None
-        per_in, per_out = price
-        return ((self.input_tokens or 0) * per_in + (self.output_tokens or 0) * per_out) / 1e6
 
 
 def request_shape(path: str, body: bytes | None) -> LlmCall | None:

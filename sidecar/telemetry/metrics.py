@@ -37,7 +37,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, ge
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from sidecar.core.decisions import Decision, DecisionRecord
-from sidecar.llm.usage import LlmCall
+from sidecar.telemetry.genai import LlmCall
 from sidecar.telemetry.records import RequestRecord, TryRecord
 
 log = logging.getLogger("sidecar.telemetry.metrics")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 from sidecar.core.decisions import DecisionRecord
 
 if TYPE_CHECKING:
-    from sidecar.llm.usage import LlmCall
+    from sidecar.telemetry.genai import LlmCall
 
 
 @dataclass(slots=True)

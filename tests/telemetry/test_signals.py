@@ -1,5 +1,5 @@
 """Golden signals and fallback shares, differenced from the metrics' counters with a fake clock."""
-from sidecar.llm.usage import LlmCall
+from sidecar.telemetry.genai import LlmCall
 from sidecar.telemetry.metrics import Metrics, answer_source
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.signals import Signals
