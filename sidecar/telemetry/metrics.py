@@ -229,7 +229,13 @@ class Metrics:
         answers: dict[str, dict[str, int]] = {}
         for (route, source), n in list(hot.answers.items()):
             answers.setdefault(route, {})[source] = n
-        return Cumulative(routes, upstreams, answers)
+        endpoints: dict[str, Totals] = {}  # "upstream/host:port": tries only (latency is the balancer's)
+        for (upstream, endpoint, code), n in list(hot.endpoint_tries.items()):
+            t = _totals(endpoints, f"{upstream}/{endpoint}")
+            t.requests += n
+            if not isinstance(code, int) or code >= 500:
+                t.failures += n
+        return Cumulative(routes, upstreams, answers, endpoints)
 
     # -- exposition ------------------------------------------------------------------------------
 
@@ -256,6 +262,7 @@ class Cumulative:
     routes: dict[str, Totals]
     upstreams: dict[str, Totals]
     answers: dict[str, dict[str, int]]     # route -> source -> answers
+    endpoints: dict[str, Totals] = field(default_factory=dict)
 
 
 def _totals(table: dict[str, Totals], key: str) -> Totals:

@@ -1,6 +1,6 @@
 """Golden signals for /status and the dashboard, from the counters the Prometheus sink already keeps.
 
-Per route and per upstream over the last minute: success rate, requests per second, latency p50/p95/p99
+Per route, per upstream and per endpoint of a balanced upstream over the last minute: success rate, requests per second, latency p50/p95/p99
 (Linkerd viz's columns), and for LLM traffic the tokens and cost spent; per route over the last hour,
 where the answers came from (primary, each fallback target, cache, static): the fallback analytics view.
 
@@ -21,7 +21,7 @@ from sidecar.telemetry.metrics import BUCKETS, Cumulative, Metrics, Totals
 SECONDS = 60                               # the golden signals' window
 SPARK_STEP = 5                             # seconds per sparkline point (12 points a minute)
 HOUR = 3600                                # the fallback analytics' window
-MAX_KEYS = 100                             # routes, and upstreams, kept per reading
+MAX_KEYS = 100                             # routes, upstreams and endpoints kept per reading
 
 
 class Signals:
@@ -53,6 +53,8 @@ class Signals:
                        for name, t in current.routes.items()],
             "upstreams": [_row(name, t, base.upstreams, seconds, [p.upstreams for p in points])
                           for name, t in current.upstreams.items()],
+            "endpoints": [_row(name, t, base.endpoints, seconds, [p.endpoints for p in points])
+                          for name, t in current.endpoints.items()],
             "fallback": {"window_seconds": HOUR, "routes": self._shares(now, current.answers)},
         }
 
@@ -121,7 +123,8 @@ def _quantile(counts: list[int], q: float) -> float | None:
 
 
 def _bounded(reading: Cumulative) -> Cumulative:
-    if len(reading.routes) <= MAX_KEYS and len(reading.upstreams) <= MAX_KEYS:
+    if max(len(reading.routes), len(reading.upstreams), len(reading.endpoints)) <= MAX_KEYS:
         return reading
     return Cumulative(dict(list(reading.routes.items())[:MAX_KEYS]),
-                      dict(list(reading.upstreams.items())[:MAX_KEYS]), reading.answers)
+                      dict(list(reading.upstreams.items())[:MAX_KEYS]), reading.answers,
+                      dict(list(reading.endpoints.items())[:MAX_KEYS]))

@@ -104,3 +104,16 @@ def test_answer_sources():
     assert answer_source(record(upstream="cache", tries=[])) == "cache"
     assert answer_source(record(upstream="breaker-open", status=503, tries=[])) == "failed"
     assert answer_source(record()) == "primary"
+
+
+def test_endpoints_of_a_balanced_upstream():
+    clock, metrics, signals = setup()
+    for i in range(10):
+        t = try_("orders", 503 if i < 2 else 200)
+        t.endpoint = "10.0.0.1:80" if i % 2 else "10.0.0.2:80"
+        metrics.request_finished(record(upstream="orders", status=t.status, tries=[t]))
+    clock.now += 10
+    rows = {r["name"]: r for r in signals.snapshot()["endpoints"]}
+    assert rows["orders/10.0.0.2:80"]["success_rate"] == 0.8 and rows["orders/10.0.0.2:80"]["requests"] == 5
+    assert rows["orders/10.0.0.1:80"]["success_rate"] == 0.8
+    assert rows["orders/10.0.0.1:80"]["latency_ms"]["p50"] is None
