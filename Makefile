@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test system-deps bench bench-quick soak clean
+.PHONY: demo test system-deps bench bench-quick bench-grpc soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench-quick: $(STAMP)
 	sh bench/install.sh
 	$(BIN)/pip install -q -e '.[bench]'
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench --quick
+
+# Unary gRPC calls direct vs through the sidecar (grpcio client and server): bench/results/grpc.md
+bench-grpc: $(STAMP)
+	$(BIN)/python -m bench.grpc_unary
 
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak

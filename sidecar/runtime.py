@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import random
 import time
+import weakref
 
 from aiohttp import web
 
@@ -25,6 +26,8 @@ from sidecar.policy.load import load_policy
 from sidecar.policy.match import Router
 from sidecar.policy.model import Listener, Policy
 from sidecar.proxy.guard import GuardedServer
+from sidecar.proxy.h2server import drain as drain_h2
+from sidecar.proxy.h2server import install as install_h2
 from sidecar.proxy.relay import Relays
 from sidecar.proxy.sniff import Front
 from sidecar.proxy.server import ListenerHandler, replay_limit
@@ -102,6 +105,8 @@ class Runtime:
         self.ready = False
         self.draining = False
         self._servers: dict[str, tuple[Listener, web.Server, asyncio.AbstractServer]] = {}
+        self.h2_connections: weakref.WeakSet = weakref.WeakSet()   # HTTP/2 app connections, for drain
+        install_h2()                         # the sniffing front hands HTTP/2 connections to h2server
         self._tasks: list[asyncio.Task] = []
         self._health_tasks: dict[str, asyncio.Task] = {}
         self._reload_lock = asyncio.Lock()
@@ -344,7 +349,7 @@ class Runtime:
             srv.close()
         self.relays.drain()
         await asyncio.gather(*(server.shutdown(timeout) for _, server, _ in self._servers.values()),
-                             return_exceptions=True)
+                             drain_h2(self.h2_connections, timeout), return_exceptions=True)
 
     async def close(self) -> None:
         for task in [*self._tasks, *self._health_tasks.values()]:

@@ -7,7 +7,9 @@ the app whole: a stream cut mid-way counts as a failure (SPEC "What the applicat
 from __future__ import annotations
 
 from sidecar.core.decisions import Decision
+from sidecar.core.grpc import SERVER_FAULTS
 from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+from sidecar.pipeline.grpc import reply_code
 from sidecar.transport.errors import UpstreamFailure
 
 _TRANSITION_DECISION = {
@@ -57,7 +59,7 @@ async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
         note_transition(ex, call.name, breaker.abandon(clock.monotonic() - started))
         raise
     elapsed = clock.monotonic() - started
-    if reply.status >= 500:
+    if reply.status >= 500 or reply_code(reply) in SERVER_FAULTS:
         if _outlier_only(ex, call):
             breaker.release()
         else:
@@ -67,6 +69,8 @@ async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
             if ok is None:
                 breaker.release()
             else:
+                if ok and reply_code(reply) in SERVER_FAULTS:   # a gRPC status from the trailers
+                    ok = False
                 note_transition(ex, call.name, breaker.record(ok, elapsed))
         reply.on_done.append(_done)
     return reply

@@ -10,8 +10,10 @@ from typing import AsyncIterator
 
 from multidict import CIMultiDict
 
+from sidecar.core.grpc import format_timeout, is_grpc
 from sidecar.llm.usage import AnswerScanner, LlmCall, request_shape, scan_body
 from sidecar.pipeline.exchange import Call, Exchange, Reply
+from sidecar.pipeline.grpc import reply_code
 from sidecar.proxy.headers import end_to_end
 from sidecar.telemetry.records import TryRecord
 from sidecar.telemetry.tracecontext import format_traceparent, new_span_id
@@ -44,6 +46,8 @@ async def send(ex: Exchange, call: Call) -> Reply:
     if ex.record.tracestate:
         call.headers["tracestate"] = ex.record.tracestate
     rec.llm = _llm_shape(ex, call)         # a non-LLM path costs one str.endswith()
+    if "grpc-timeout" in call.headers or is_grpc(call.headers.get("content-type")):
+        call.headers["grpc-timeout"] = format_timeout(timeout)   # the deadline left, for the upstream
     payload = call.body.payload()
     try:
         resp = await ex.runtime.transport.send(
@@ -61,30 +65,37 @@ async def send(ex: Exchange, call: Call) -> Reply:
     if resp.status >= 500:
         rec.error_type = str(resp.status)
     content = resp.content
+    streamed = False
     if call.method == "HEAD" or resp.status in (204, 304):
-        body, stream = b"", None
+        body = b""
     elif content.is_eof() and content.exception() is None:
         # The whole body came with the head (a small answer): take it now and free the connection
         # for the next request, instead of relaying it chunk by chunk.
-        body, stream = content.read_nowait(), None
+        body = content.read_nowait()
     else:
-        body, stream = None, _relay(resp)
-    if stream is None:
+        body, streamed = None, True
+    if not streamed:
         resp.release()
-    llm = rec.llm
-    if llm is not None and resp.status < 300 and (body or stream is not None):
-        if body:
-            scan_body(llm, body)
-        elif stream is not None:
+    reply = Reply(status=resp.status, headers=end_to_end(resp.headers), upstream=call.name, body=body,
+                  release_cb=resp.release if streamed else None,
+                  trailers=getattr(content, "trailers", None))    # HTTP/2 (gRPC status) when whole
+    llm = rec.llm if resp.status < 300 else None
+    if streamed:
+        stream = _relay(resp, reply)
+        if llm is not None:
             sse = "text/event-stream" in resp.headers.get("content-type", "")
             stream = _scanned(stream, AnswerScanner(llm, sse=sse))
-    reply = Reply(status=resp.status, headers=end_to_end(resp.headers), upstream=call.name, body=body,
-                  stream=stream, release_cb=None if stream is None else resp.release)
+        reply.stream = stream
+    elif llm is not None and body:
+        scan_body(llm, body)
 
     def _ended(ok: bool | None, rec: TryRecord = rec) -> None:
         rec.end_ns = time.time_ns()
         if ok is False and rec.error_type is None:
             rec.error_type = "reset"
+        code = reply_code(reply)                 # from the trailers, once the stream ended
+        if code is not None:
+            rec.grpc_status = int(code)
     reply.on_done.append(_ended)
     return reply
 
@@ -114,8 +125,9 @@ async def _scanned(stream: AsyncIterator[bytes], scanner: AnswerScanner) -> Asyn
         scanner.close()
 
 
-async def _relay(resp: Response) -> AsyncIterator[bytes]:
-    """The upstream body, as it arrives. A cut is raised as `UpstreamFailure("reset")`."""
+async def _relay(resp: Response, reply: Reply) -> AsyncIterator[bytes]:
+    """The upstream body, as it arrives. A cut is raised as `UpstreamFailure("reset")`. HTTP/2
+    trailers are on the reply once the body ended."""
     content = resp.content
     try:
         while True:
@@ -123,6 +135,7 @@ async def _relay(resp: Response) -> AsyncIterator[bytes]:
             if not chunk:
                 break
             yield chunk
+        reply.trailers = getattr(content, "trailers", None)
     except UpstreamFailure:
         raise
     except Exception as exc:  # noqa: BLE001 - translated in one place

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields, replace
 from urllib.parse import urlsplit
 
+from sidecar.core.grpc import encode_message
 from sidecar.policy import yaml12
 from sidecar.policy.checks import Checker, Path
 from sidecar.policy.dump import policy_data
@@ -179,11 +180,19 @@ class _Builder(Checker):
         if first is None:                 # the schema reported it
             first = UpstreamEndpoint(url="http://invalid", scheme="http", host="invalid", port=80)
         kw = self.pick(d, sub, connect_timeout=self.duration, max_connections=_int, headers=_pairs,
-                       health_check=self.health_check, tls=self.tls, discovery=_same, refresh=self.duration,
-                       balance=_same, outlier=self.outlier,
+                       protocol=_same, health_check=self.health_check, tls=self.tls, discovery=_same,
+                       refresh=self.duration, balance=_same, outlier=self.outlier,
                        resolver=lambda v, _: tuple(v["servers"]))
         if discovery == "dns" and kw.get("refresh", 1.0) <= 0:
             self.fail(sub + ("refresh",), "refresh must be longer than 0s")
+        protocol = kw.get("protocol")
+        schemes = {e.scheme for e in (listed or [first])}
+        if protocol == "h2" and schemes != {"https"}:
+            self.fail(sub + ("protocol",), "protocol h2 negotiates HTTP/2 by TLS ALPN: it needs an https url "
+                                           "(h2c is HTTP/2 in clear text)")
+        if protocol == "h2c" and schemes != {"http"}:
+            self.fail(sub + ("protocol",), "protocol h2c is HTTP/2 in clear text: it needs an http url "
+                                           "(h2 is HTTP/2 over TLS)")
         return Upstream(name=name, url=first.url, scheme=first.scheme, host=first.host, port=first.port,
                         base_path=first.base_path, endpoints=tuple(listed) if len(listed) > 0 else (), **kw)
 
@@ -366,6 +375,13 @@ class _Builder(Checker):
         headers = tuple((k, v) for k, v in d.get("headers", {}).items() if k.lower() != "content-type")
         content_type = next((v for k, v in d.get("headers", {}).items() if k.lower() == "content-type"), None)
         body = b""
+        if "grpc_status" in d:          # a gRPC error, trailers-only: HTTP 200 with the status in the head
+            if "message" in d:
+                headers += (("grpc-message", encode_message(d["message"])),)
+            return StaticResponse(status=200, headers=(("grpc-status", str(int(d["grpc_status"]))), *headers),
+                                  content_type=content_type or "application/grpc")
+        if "message" in d:
+            self.fail(sub + ("message",), "message goes with grpc_status (a gRPC error answer)")
         if "json" in d:
             body = json.dumps(d["json"], separators=(",", ":"), ensure_ascii=False).encode()
             content_type = content_type or "application/json"

@@ -163,6 +163,9 @@ class Upstream:
     base_path: str = ""                  # path prefix of `url`, without trailing slash
     connect_timeout: float = 2.0
     max_connections: int = 100           # per endpoint
+    # http1 | h2c (HTTP/2 prior knowledge) | h2 (TLS, ALPN h2) | auto (https: ALPN picks; http: gRPC
+    # requests h2c, others http1)
+    protocol: str = "auto"
     headers: tuple[tuple[str, str], ...] = ()   # set on every request to this upstream (values may be secrets)
     health_check: HealthCheck | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)

@@ -20,10 +20,12 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.core.decisions import Decision
+from sidecar.core.grpc import parse_timeout
 from sidecar.pipeline.body import read_body
 from sidecar.pipeline.calls import make_call
 from sidecar.pipeline.exchange import Degraded, Exchange, Reply, record_decision
 from sidecar.pipeline.fallback import Failure
+from sidecar.pipeline.grpc import as_grpc, is_grpc_request, reply_code
 from sidecar.policy.model import Listener, Route
 from sidecar.proxy.guard import refusal
 from sidecar.proxy.headers import end_to_end
@@ -75,6 +77,10 @@ class ListenerHandler:
         refused = refusal(request)
         if refused is not None:
             return refused
+        return await self.serve(request)
+
+    async def serve(self, request) -> web.StreamResponse:
+        """One request: an aiohttp request, or an HTTP/2 stream (proxy/h2server.py's `H2Request`)."""
         try:
             return await self._handle(request)
         except asyncio.CancelledError:
@@ -174,9 +180,14 @@ class ListenerHandler:
         headers = end_to_end(request.headers)
         if token is not None:
             request_headers(headers, token)
+        timeout = route.timeout
+        if is_grpc_request(request.headers):         # the caller's deadline caps the route's
+            caller = parse_timeout(request.headers.get("grpc-timeout"))
+            if caller is not None and caller < timeout:
+                timeout = caller
         ex = Exchange(route=route, state=state, runtime=gen, method=request.method, url=url,
                       headers=headers, body=body,
-                      deadline=gen.clock.monotonic() + route.timeout, record=record)
+                      deadline=gen.clock.monotonic() + timeout, record=record)
         ex.connect_to = connect_to
         call = make_call(ex, upstream)
         handler = (gen.handlers if token is None else gen.upgrade_handlers)[route.name]
@@ -202,6 +213,8 @@ class ListenerHandler:
         if failure.retry_after is not None:
             reply.headers["retry-after"] = str(max(1, round(failure.retry_after + 0.499)))
         ex.record.error_type = failure.outcome
+        if is_grpc_request(ex.headers):               # a gRPC status, not an HTTP error page
+            reply = as_grpc(reply, failure.outcome, failure.reason)
         return reply
 
     async def _write(self, request: web.BaseRequest, ex: Exchange, reply: Reply) -> web.StreamResponse:
@@ -236,10 +249,15 @@ class ListenerHandler:
             raise
         finally:
             reply.finish(ok)
+            if is_grpc_request(ex.headers):
+                code = reply_code(reply)
+                record.grpc_status = int(code) if code is not None else None
             record.end_ns = time.time_ns()
             ex.runtime.sink.request_finished(record)
 
     async def _write_plain(self, request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
+        if is_grpc_request(request.headers) and reply.upstream == "sidecar":
+            reply = as_grpc(reply, None, json.loads(reply.body).get("error", ""))
         return await _send_reply(request, reply)
 
 
@@ -264,6 +282,9 @@ def _origin_form(raw: str) -> str:
     return (url.raw_path_qs or "/") if url.absolute else "/"
 
 
+_H2_DONE = web.StreamResponse()             # what `serve` returns for an HTTP/2 stream (unused)
+
+
 class _CoalescedResponse(web.StreamResponse):
     """Headers leave with the first body bytes in one send(), as aiohttp's own `web.Response` does,
     instead of in a write of their own: one syscall less per answer. Used only when the length is
@@ -272,6 +293,9 @@ class _CoalescedResponse(web.StreamResponse):
 
 
 async def _send_reply(request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
+    if not isinstance(request, web.BaseRequest):     # an HTTP/2 stream writes its own frames
+        await request.send_reply(reply)
+        return _H2_DONE
     known_length = reply.body is not None or "content-length" in reply.headers
     # The reply's headers are ours alone by now: handed over, not copied (aiohttp's own Response
     # does the same with this parameter).
@@ -301,6 +325,9 @@ async def _continue(request: web.BaseRequest) -> None:
 
 def _abort(request: web.BaseRequest) -> None:
     """Close the app's connection mid-body so it sees a truncated response, not a complete one."""
+    if not isinstance(request, web.BaseRequest):     # HTTP/2: reset that stream, not the connection
+        request.abort()
+        return
     transport = request.transport
     if transport is not None:
         transport.abort()

@@ -11,6 +11,7 @@ Series (SPEC "Admin API", plus the try-level ones an Envoy user looks for):
     sidecar_relayed_connections_total{route,kind}           tunnel | upgrade | tls | tcp, once closed
     sidecar_relayed_bytes_total{route,kind,direction}       direction: up (app->upstream) | down
     sidecar_answers_total{route,source}                     primary | upstream:NAME (fallback) | cache | static...
+    sidecar_grpc_requests_total{route,grpc_code}            gRPC calls, by the status the app got (OK, UNAVAILABLE...)
     sidecar_llm_requests_total{route,upstream,model,outcome}   LLM tries: success | rate_limited | client_error |
                                                             server_error | a failure name (reset, timeout...)
     sidecar_llm_tokens_total{route,upstream,model,kind}     kind: input | output, from the answers' usage
@@ -37,6 +38,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, ge
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.core.grpc import GrpcCode
 from sidecar.telemetry.genai import LlmCall
 from sidecar.telemetry.records import RequestRecord, TryRecord
 
@@ -129,6 +131,9 @@ class Metrics:
                 hist.observe((record.end_ns - record.start_ns) / 1e9)
             akey = (route, answer_source(record))
             hot.answers[akey] = hot.answers.get(akey, 0) + 1
+        if record.grpc_status is not None:
+            gkey = (route, record.grpc_status)
+            hot.grpc[gkey] = hot.grpc.get(gkey, 0) + 1
         if record.relayed is not None:
             rkey = (route, record.relayed)
             hot.relayed[rkey] = hot.relayed.get(rkey, 0) + 1
@@ -320,6 +325,7 @@ class _HotPath:
         self.answers: dict[tuple[str, str], int] = {}
         self.relayed_bytes: dict[tuple[str, str], tuple[int, int]] = {}
         self.llm_requests: dict[tuple[str, str, str, str], int] = {}
+        self.grpc: dict[tuple[str, int], int] = {}
         self.llm_tokens: dict[tuple[str, str, str, str], int] = {}
         self.llm_cost: dict[tuple[str, str, str], float] = {}
         self.llm_ttft: dict[tuple[str, str, str], _Histogram] = {}
@@ -371,6 +377,12 @@ class _HotPath:
         for (upstream, endpoint, code), n in list(self.endpoint_tries.items()):
             endpoint_tries.add_metric([upstream, endpoint, str(code)], n)
         families = [requests, duration, tries, try_duration, answers, relayed, relayed_bytes, endpoint_tries]
+        if self.grpc:
+            grpc = CounterMetricFamily("sidecar_grpc_requests", "gRPC calls answered, by route and the "
+                                       "gRPC status sent to the app (OK, UNAVAILABLE...).", labels=["route", "grpc_code"])
+            for (route, code), n in list(self.grpc.items()):
+                grpc.add_metric([route, _grpc_name(code)], n)
+            families.append(grpc)
         if self.llm_requests:
             families.extend(self._llm_families())
         return families
@@ -460,3 +472,10 @@ class _LiveState:
             info.add_metric([str(state["policy_version"])], 1.0)
         families.append(info)
         return families
+
+
+def _grpc_name(code: int) -> str:
+    try:
+        return GrpcCode(code).name
+    except ValueError:
+        return str(code)

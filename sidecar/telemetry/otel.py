@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -38,6 +39,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.core.grpc import GrpcCode
 from sidecar.telemetry.genai import LlmCall
 from sidecar.policy.model import Telemetry
 from sidecar.telemetry.export import _gate, _GuardedExporter, _install_gate
@@ -268,6 +270,8 @@ class OtelSink:
             attrs["sidecar.bytes_received"] = r.bytes_down
         status = _OK
         error_type = r.error_type or (str(r.status) if r.status >= 500 else None)
+        if r.grpc_status is not None:
+            error_type = error_type or _rpc_attributes(attrs, r.url, r.grpc_status)
         if error_type is not None:
             attrs["error.type"] = error_type
             status = _error(error_type)
@@ -317,6 +321,8 @@ class OtelSink:
         # span's status is Error for both.
         status = _OK
         error_type = t.error_type or (str(t.status) if t.status is not None and t.status >= 400 else None)
+        if t.grpc_status is not None:
+            error_type = error_type or _rpc_attributes(attrs, t.url, t.grpc_status)
         if error_type is not None:
             attrs["error.type"] = error_type
             status = _error(error_type)
@@ -371,3 +377,19 @@ class OtelSink:
 
 def _discard(span: ReadableSpan) -> None:
     """Stands in for `processor.on_end` after shutdown, so late requests log nothing."""
+
+
+def _rpc_attributes(attrs: dict, url: str, code: int) -> str | None:
+    """The RPC semantic conventions for a gRPC call (path `/package.Service/Method`); returns the
+    error type for a status other than OK (the RPC conventions count every non-OK status as an error)."""
+    attrs["rpc.system"] = "grpc"
+    parts = urlsplit(url).path.strip("/").split("/")
+    if len(parts) == 2:
+        attrs["rpc.service"], attrs["rpc.method"] = parts
+    attrs["rpc.grpc.status_code"] = code
+    if code == 0:
+        return None
+    try:
+        return GrpcCode(code).name
+    except ValueError:
+        return str(code)

@@ -31,6 +31,7 @@ class TryRecord:
     status: int | None = None
     error_type: str | None = None          # connect-failure | reset | timeout | protocol-error | 5xx code
     fallback_target: str | None = None     # set for calls made by the fallback chain
+    grpc_status: int | None = None         # a gRPC call's status (head or trailers), when it came
     llm: "LlmCall | None" = None           # an LLM API call: model, usage, finish reasons (sidecar/llm)
     endpoint: str | None = None            # host:port of the endpoint, for a balanced upstream
 
@@ -58,6 +59,7 @@ class RequestRecord:
     decisions: list[DecisionRecord] = field(default_factory=list)
     decision_ns: list[int] = field(default_factory=list)   # time of each decision, same order
     sampled: bool = False                  # the head sampling decision, propagated in traceparent
+    grpc_status: int | None = None         # the gRPC status sent to the app (gRPC calls only)
     # A relayed connection (CONNECT tunnel, upgrade, transparent TLS/TCP): what kind, and its bytes.
     relayed: str | None = None             # tunnel | upgrade | tls | tcp
     bytes_up: int = 0                      # app -> upstream

@@ -30,6 +30,8 @@ from yarl import URL
 from sidecar.policy.model import Upstream
 from sidecar.transport.egress import EGRESS_GUARD, GuardedResolver
 from sidecar.transport.errors import UpstreamFailure, translate
+from sidecar.transport.h2client import H2Pool, NotH2
+from sidecar.transport.h2client import Response as H2Response
 from sidecar.transport.pool import Origin, Pool
 
 PASSTHROUGH_CONNECT_TIMEOUT = 5.0
@@ -136,6 +138,7 @@ class Transport:
 
     def __init__(self) -> None:
         self._pools: dict[PoolKey, Pool] = {}
+        self._h2_pools: dict[PoolKey, H2Pool] = {}
         self._keys: dict[int, tuple[Upstream, PoolKey]] = {}
 
     def _pool(self, key: PoolKey) -> Pool:
@@ -162,8 +165,14 @@ class Transport:
             key = cached[1]
         if timeout <= 0:
             raise UpstreamFailure("timeout", "no time left for this try")
-        pool = self._pool(key)
         origin = (url.scheme, url.raw_host or "", url.port or 80, server_hostname)
+        alpn = _h2_alpn(upstream, url, headers)
+        if alpn is not None and origin not in self._h2_pool(key).h1_origins:
+            try:
+                return await self._send_h2(key, method, url, headers, body, timeout, origin, alpn)
+            except NotH2:
+                pass                         # `auto` over TLS and the upstream chose HTTP/1.1
+        pool = self._pool(key)
         streamed = body is not None and not isinstance(body, (bytes, bytearray))
         head, chunked = _head(method, url, headers, body, streamed)
         again = method in IDEMPOTENT and not streamed
@@ -193,12 +202,39 @@ class Transport:
             raise translate(exc) from exc
         return resp
 
+    def _h2_pool(self, key: PoolKey) -> H2Pool:
+        pool = self._h2_pools.get(key)
+        if pool is None:
+            pool = self._h2_pools[key] = H2Pool(
+                key.max_connections, key.connect_timeout, functools.partial(_ssl_context, key),
+                resolver=GuardedResolver() if key.guarded else None)
+        return pool
+
+    async def _send_h2(self, key: PoolKey, method: str, url: URL, headers: CIMultiDict, body,
+                       timeout: float, origin, alpn: tuple[str, ...]) -> H2Response:
+        if "expect" in headers:
+            del headers["expect"]
+        if url.raw_user is not None and "authorization" not in headers:
+            headers["Authorization"] = aiohttp.BasicAuth.from_url(url).encode()
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            return await self._h2_pool(key).send(method, url, headers, body, deadline=deadline,
+                                                 origin=origin, alpn=alpn or None)
+        except (asyncio.CancelledError, NotH2):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - translated in one place, re-raised from the cause
+            raise translate(exc) from exc
+
     def stats(self) -> dict[str, dict]:
-        """Each pool's connections, by upstream name (`passthrough` for original destinations)."""
-        out = {}
+        """Each pool's connections, by upstream name (`passthrough` for original destinations);
+        an upstream spoken to in HTTP/2 shows its connections and streams under `h2`."""
+        out: dict[str, dict] = {}
         for key, pool in self._pools.items():
             name = key.name or ("passthrough (egress-guarded)" if key.guarded else "passthrough")
             out[name] = pool.stats()
+        for key, h2pool in self._h2_pools.items():
+            name = key.name or ("passthrough (egress-guarded)" if key.guarded else "passthrough")
+            out.setdefault(name, {})["h2"] = h2pool.stats()
         return out
 
     async def retain(self, upstreams: dict[str, Upstream], endpoints: Iterable = ()) -> None:
@@ -209,19 +245,41 @@ class Transport:
         for key in [k for k in self._pools if k not in keep]:
             pool = self._pools.pop(key)
             asyncio.get_running_loop().call_later(60, pool.close)
+        for key in [k for k in self._h2_pools if k not in keep]:
+            asyncio.get_running_loop().call_later(60, self._h2_pools.pop(key).close)
 
     def retire(self, target, after: float) -> None:
         """An endpoint left its upstream's set: its pool takes no new request and closes after `after`
         seconds, so requests in flight on it finish (a connection released after that is closed)."""
         self._keys.pop(id(target), None)
-        pool = self._pools.pop(_key(target), None)
-        if pool is not None:
-            asyncio.get_running_loop().call_later(after, pool.close)
+        key = _key(target)
+        for pool in (self._pools.pop(key, None), self._h2_pools.pop(key, None)):
+            if pool is not None:
+                asyncio.get_running_loop().call_later(after, pool.close)
 
     async def close(self) -> None:
-        for pool in self._pools.values():
+        for pool in [*self._pools.values(), *self._h2_pools.values()]:
             pool.close()
         self._pools.clear()
+        self._h2_pools.clear()
+
+
+def _h2_alpn(upstream: Upstream | None, url: URL, headers: CIMultiDict) -> tuple[str, ...] | None:
+    """How to speak to this upstream: None for HTTP/1.1, else HTTP/2 with these ALPN offers (empty
+    for h2c, prior knowledge). `auto` (and an original destination): on TLS whatever ALPN picks; in
+    clear text HTTP/1.1, except for gRPC, which exists only over HTTP/2."""
+    protocol = getattr(upstream, "protocol", "auto")    # an Upstream or one of its EndpointTargets
+    if protocol == "http1":
+        return None
+    if protocol == "h2c":
+        return ()
+    if protocol == "h2":
+        return ("h2",)
+    if url.scheme == "https":
+        return ("h2", "http/1.1")
+    if headers.get("content-type", "").startswith("application/grpc"):
+        return ()
+    return None
 
 
 def _head(method: str, url: URL, headers: CIMultiDict, body, streamed: bool) -> tuple[bytes, bool]:

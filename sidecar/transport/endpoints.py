@@ -48,6 +48,7 @@ class EndpointTarget:
     connect_timeout: float
     max_connections: int
     tls: TlsConfig
+    protocol: str = "auto"       # the upstream's http1 | h2c | h2 | auto
     origin: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,7 +87,7 @@ def static_targets(up: Upstream) -> list[tuple[str, int, str, EndpointTarget]]:
             upstream=up.name, key=key, scheme=e.scheme, host=e.host, port=e.port, base_path=e.base_path,
             host_header=_host_header(e.scheme, e.host, e.port), server_hostname=up.tls.server_name,
             headers=_merge(up.headers, e.headers), connect_timeout=up.connect_timeout,
-            max_connections=up.max_connections, tls=up.tls)))
+            max_connections=up.max_connections, tls=up.tls, protocol=up.protocol)))
     return out
 
 
@@ -99,7 +100,8 @@ def dns_targets(up: Upstream, addresses: list[str]) -> list[tuple[str, int, str,
             upstream=up.name, key=key, scheme=up.scheme, host=host, port=up.port, base_path=up.base_path,
             host_header=_host_header(up.scheme, up.host, up.port),
             server_hostname=up.tls.server_name or up.host.strip("[]"), headers=up.headers,
-            connect_timeout=up.connect_timeout, max_connections=up.max_connections, tls=up.tls)))
+            connect_timeout=up.connect_timeout, max_connections=up.max_connections, tls=up.tls,
+            protocol=up.protocol)))
     return out
 
 

@@ -16,6 +16,7 @@ class Case:
     raw: bytes
     status: int
     why: str
+    listeners: tuple[str, ...] = ("reverse", "proxy")   # where the bytes are a refused HTTP/1 request
 
     def render(self, target: str, host: str) -> bytes:
         return self.raw.replace(b"{target}", target.encode()).replace(b"{host}", host.encode())
@@ -91,7 +92,9 @@ CASES = [
     Case("version-lowercase", _h("GET {target} http/1.1\nHost: {host}\n\n"), 400, "HTTP-name is case-sensitive"),
     Case("version-2", _h("GET {target} HTTP/2.0\nHost: {host}\n\n"), 505, "HTTP/2 on an HTTP/1 port"),
     Case("version-0.9", b"GET /\r\n\r\n", 505, "HTTP/0.9 has no headers and no framing"),
-    Case("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "prior-knowledge HTTP/2"),
+    # reverse and transparent listeners take it as HTTP/2 (tests/http2/test_h2_hostile.py)
+    Case("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "prior-knowledge HTTP/2 on the proxy listener",
+         ("proxy",)),
     Case("tls-on-plain-port", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, 400,
          "a TLS ClientHello"),
     # -- sizes ----------------------------------------------------------------------------------------

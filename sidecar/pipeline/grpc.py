@@ -1,0 +1,44 @@
+"""gRPC answers and outcomes, in the pipeline's terms (Reply). The pure rules are in core/grpc.py.
+
+A gRPC call's outcome is its `grpc-status`: in the response head when the answer is trailers-only (an
+error with no messages), else in the trailers. Until the trailers arrive, a call whose head said
+200 has no verdict yet; layers that judge a reply before its body (retry, fallback) see the status
+only when it came with the head or the whole answer came at once (a small unary answer).
+"""
+from __future__ import annotations
+
+from multidict import CIMultiDict
+
+from sidecar.core.grpc import GrpcCode, encode_message, for_outcome, is_grpc, parse_status
+from sidecar.pipeline.exchange import Reply
+
+
+def is_grpc_request(headers) -> bool:
+    return is_grpc(headers.get("content-type"))
+
+
+def error_reply(code: GrpcCode | int, message: str, upstream: str = "sidecar") -> Reply:
+    """A trailers-only gRPC answer: HTTP 200, the status in the head, no body (PROTOCOL-HTTP2.md)."""
+    headers = CIMultiDict({"content-type": "application/grpc", "grpc-status": str(int(code))})
+    if message:
+        headers["grpc-message"] = encode_message(message)
+    return Reply(status=200, headers=headers, upstream=upstream, body=b"")
+
+
+def as_grpc(reply: Reply, outcome: str | None, message: str) -> Reply:
+    """The sidecar's own error answer (a JSON error page for HTTP) for a gRPC caller."""
+    grpc = error_reply(for_outcome(outcome, reply.status), message, reply.upstream)
+    for name in ("retry-after",):
+        if name in reply.headers:
+            grpc.headers[name] = reply.headers[name]
+    return grpc
+
+
+def reply_code(reply: Reply) -> GrpcCode | None:
+    """The gRPC status of an answer, if known yet: from a trailers-only head, or from trailers."""
+    if not is_grpc(reply.headers.get("content-type")):
+        return None
+    code = parse_status(reply.headers.get("grpc-status"))
+    if code is None and reply.trailers is not None:
+        code = parse_status(reply.trailers.get("grpc-status"))
+    return code
