@@ -213,8 +213,18 @@ async def test_connect_failure_resets_the_app_and_counts_on_the_breaker(transpar
     assert rec.finished[0].error_type == "connect-failure"
 
 
-async def test_h2_preface_on_reverse_is_refused_until_a_hook_is_registered(transparent):
+@pytest.fixture
+def no_h2_hook():
+    """The sidecar installs proxy/h2server.py's hook when a runtime starts; these tests take it out."""
+    previous = sniff.h2_factory()
+    sniff.register_h2(None)
+    yield
+    sniff.register_h2(previous)
+
+
+async def test_h2_preface_on_reverse_is_refused_until_a_hook_is_registered(transparent, no_h2_hook):
     p, sc, rec, target = await transparent()
+    sniff.register_h2(None)                         # starting the runtime installed the HTTP/2 one
     reader, writer = await asyncio.open_connection("127.0.0.1", p["reverse"])
     writer.write(H2_PREFACE)
     answer = await asyncio.wait_for(reader.read(), HANG_GUARD)
@@ -248,13 +258,14 @@ async def test_h2_preface_on_reverse_is_refused_until_a_hook_is_registered(trans
     assert sniff.ALPN_PROTOCOLS == ["http/1.1"]
 
 
-async def test_h2_preface_on_transparent_passes_through_as_tcp_without_a_hook(transparent):
+async def test_h2_preface_on_transparent_passes_through_as_tcp_without_a_hook(transparent, no_h2_hook):
     async def peer(reader, writer):
         writer.write(b"got " + await reader.readexactly(len(H2_PREFACE)))
         await writer.drain()
         writer.close()
     server = await asyncio.start_server(peer, "127.0.0.1", 0)
     p, sc, rec, target = await transparent()
+    sniff.register_h2(None)                         # starting the runtime installed the HTTP/2 one
     target.append(("127.0.0.1", server.sockets[0].getsockname()[1]))
     reader, writer = await asyncio.open_connection("127.0.0.1", p["proxy"])
     writer.write(H2_PREFACE)
