@@ -7,6 +7,8 @@ only when it came with the head or the whole answer came at once (a small unary 
 """
 from __future__ import annotations
 
+import json
+
 from multidict import CIMultiDict
 
 from sidecar.core.grpc import GrpcCode, encode_message, for_outcome, is_grpc, parse_status
@@ -25,8 +27,14 @@ def error_reply(code: GrpcCode | int, message: str, upstream: str = "sidecar") -
     return Reply(status=200, headers=headers, upstream=upstream, body=b"")
 
 
-def as_grpc(reply: Reply, outcome: str | None, message: str) -> Reply:
-    """The sidecar's own error answer (a JSON error page for HTTP) for a gRPC caller."""
+def as_grpc(reply: Reply, outcome: str | None, message: str | None = None) -> Reply:
+    """The sidecar's own error answer (a JSON error page for HTTP) for a gRPC caller; the message is
+    the JSON error's `error` unless given."""
+    if message is None:
+        try:
+            message = str(json.loads(reply.body or b"{}").get("error", ""))
+        except (ValueError, AttributeError):
+            message = ""
     grpc = error_reply(for_outcome(outcome, reply.status), message, reply.upstream)
     for name in ("retry-after",):
         if name in reply.headers:

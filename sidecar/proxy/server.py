@@ -257,7 +257,7 @@ class ListenerHandler:
 
     async def _write_plain(self, request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
         if is_grpc_request(request.headers) and reply.upstream == "sidecar":
-            reply = as_grpc(reply, None, json.loads(reply.body).get("error", ""))
+            reply = as_grpc(reply, None)
         return await _send_reply(request, reply)
 
 
