@@ -3,7 +3,6 @@ both sides (h2c prior knowledge in, `protocol: h2c` out)."""
 import asyncio
 
 import grpc
-import pytest
 
 from grpc_kit import channel, method
 

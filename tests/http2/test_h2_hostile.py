@@ -1,6 +1,5 @@
 """Hostile HTTP/2 from an app, as raw frames (hyperframe and hpack, the layers under `h2`): each is
 answered with GOAWAY or RST_STREAM, and another client on another connection is still served."""
-import asyncio
 
 import h2.errors
 import pytest

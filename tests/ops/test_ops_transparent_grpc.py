@@ -72,7 +72,7 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def test_grpc_calls_are_intercepted_and_governed(netns, workdir):
+def test_grpc_calls_are_intercepted_and_governed(netns, workdir):  # noqa: F811 - fixtures
     caps = interpreter_caps()
     nat = run(*netns.exec(netns.app, "iptables", "-t", "nat", "-S", "OUTPUT"), check=False)
     if nat.returncode != 0:
