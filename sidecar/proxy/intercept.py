@@ -89,7 +89,7 @@ class Interceptor:
             factory = sniff.h2_factory()
             if alpn == "h2" and factory is not None:
                 h2.append(True)           # the hook's protocol owns the connection from here
-                return factory(sniff.Sniffed(tls_transport, b"", listener, self.runtime, None, alpn, host))
+                return factory(sniff.Sniffed(tls_transport, b"", listener, self.runtime, None, alpn, host, port))
             return server()
 
         try:

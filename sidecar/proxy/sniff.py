@@ -93,6 +93,7 @@ class Sniffed:
     original_dst: tuple[str, int] | None = None    # transparent mode: where the app was connecting
     alpn: str | None = None              # intercepted TLS: the protocol ALPN agreed
     server_name: str | None = None       # intercepted TLS: the SNI host
+    server_port: int | None = None       # intercepted TLS: the CONNECT's port
 
 
 H2Factory = Callable[[Sniffed], asyncio.Protocol]

@@ -11,6 +11,7 @@ import logging
 import os
 import ssl
 import stat
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -206,3 +207,19 @@ async def test_transparent_listener_intercepts_a_listed_sni(tmp_path, upstream_f
         assert b"x-sidecar-route: chat" in answer.lower() and b"backup answered as m" in answer
     finally:
         await sc.stop()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+async def test_intercepted_https_answers_a_client_offering_http2_in_http1(intercepting):
+    p, sc, state, up1, up2 = intercepting
+    done = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--http2", "-x", f"http://127.0.0.1:{p['proxy']}", "--cacert",
+        str(state / "intercept-bundle.pem"), "-D", "-", "-H", "content-type: application/json",
+        "--data", '{"model": "gpt-4o", "messages": []}', "https://provider.test/v1/chat/completions",
+        env={"PATH": os.environ.get("PATH", "")}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(done.communicate(), 60)
+    assert done.returncode == 0, err.decode()[-2000:]
+    head = out.decode()
+    assert "HTTP/1.1 200" in head                        # ALPN: the sidecar offers http/1.1 only, for now
+    assert "x-sidecar-route: chat" in head and "x-sidecar-upstream: backup" in head
+    assert up1.hits == 1 and up2.hits == 1
