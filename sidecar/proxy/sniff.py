@@ -169,6 +169,18 @@ class Front:
         task.add_done_callback(self.tasks.discard)
 
 
+def _partial_kind(buf: bytes) -> Kind:
+    """What an undecided start most likely is when the sniff timeout ends the wait."""
+    data = buf.lstrip(b"\r\n")
+    if not data:
+        return Kind.TCP                  # silence: a server-speaks-first protocol
+    if H2_PREFACE.startswith(data):
+        return Kind.H2                   # the hook, or TCP without one
+    if looks_like_tls(data):
+        return Kind.TLS
+    return Kind.HTTP1                    # a request line so far: the HTTP server's header timeout applies
+
+
 class Sniffer(asyncio.Protocol):
     """A connection's first protocol: buffers until the bytes say what they are, then hands over."""
 
@@ -236,8 +248,8 @@ class Sniffer(asyncio.Protocol):
             self.done = True
             return
         kind = classify(self.buf, transparent=True)
-        if kind is None:                 # silence (server speaks first), or a partial line or hello
-            kind = Kind.HTTP1 if self.buf and not looks_like_tls(self.buf) else (Kind.TLS if self.buf else Kind.TCP)
+        if kind is None:                 # silence (server speaks first), or a partial line, preface or hello
+            kind = _partial_kind(self.buf)
         self._decide(kind, self._hello(kind))
 
     def _hello(self, kind: Kind) -> ClientHello | None:
