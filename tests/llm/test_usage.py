@@ -165,3 +165,19 @@ def test_fuzz_truncated_or_corrupted_streams(cut, noise, pieces):
         assert c.input_tokens is None or b'"usage": {' in noise   # noise alone cannot form a usage object
     else:
         assert (c.input_tokens, c.output_tokens) == (12, 20)
+
+
+async def test_the_relay_wrapper_reads_the_last_chunk_when_the_consumer_stops_there():
+    """A consumer that stops after the usage chunk (and never asks for the next) still gets it counted."""
+    from sidecar.pipeline.send import _scanned
+
+    async def upstream():
+        for part in OPENAI_STREAM.split(b"\n\n")[:-2]:       # ... up to the usage event, no [DONE]
+            yield part + b"\n\n"
+    call = chat()
+    relay = _scanned(upstream(), AnswerScanner(call, sse=True))
+    async for chunk in relay:
+        if b'"usage": {' in chunk:
+            break                                          # stops at the yield of the last chunk
+    await relay.aclose()
+    assert (call.input_tokens, call.output_tokens) == (12, 20)
