@@ -18,6 +18,7 @@ from aiohttp import web
 from sidecar.core.clock import SYSTEM_CLOCK, Clock
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.health import HealthState
+from sidecar.fleet.link import Links
 from sidecar.pipeline.build import build
 from sidecar.pipeline.cache import attach_cache
 from sidecar.pipeline.state import StateRegistry
@@ -85,7 +86,8 @@ class Runtime:
         self.rng = rng or random.Random()
         self.sleep = sleep
         self.transport = Transport()
-        self.registry = StateRegistry(clock)
+        self.links = Links(clock)            # Redis connections for shared limits and queues, one per URL
+        self.registry = StateRegistry(clock, self.links)
         self.health: dict[str, HealthState] = {}
         self.queue = queue                   # sidecar.queue.DurableQueue, when a route has `queue:`
         self.relays = Relays()               # tunnels, upgrades, passthrough: SIGTERM reaches them here
@@ -307,6 +309,7 @@ class Runtime:
                 "cache": state.cache.stats() if getattr(state, "cache", None) else None,
                 "tokens_per_minute": None if state.tokens is None else
                 {"limit": state.tokens.limit, "spent": state.tokens.spent()},
+                "rate_limit": state.limiter.stats() if state.limiter is not None else None,
             })
         return {
             "policy": {"version": gen.policy.digest, "source": gen.policy.source,
@@ -363,6 +366,7 @@ class Runtime:
         for state in self.registry.all():    # cache stores: pending writes, Redis connections
             if state.cache is not None:
                 await state.cache.close()
+        await self.links.close()
         await self.transport.close()
         for sink in self.sink.sinks:
             shutdown = getattr(sink, "shutdown", None)

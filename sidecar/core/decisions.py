@@ -31,6 +31,8 @@ class Decision(str, enum.Enum):
     QUEUE_EXPIRED = "queue_expired"
     FAULT_INJECTED = "fault_injected"
     RATE_LIMITED = "rate_limited"
+    RATE_LIMIT_LOCAL = "rate_limit_local"      # extension: a global limit decided by this pod's bucket
+    QUEUE_UNAVAILABLE = "queue_unavailable"    # extension: the queue's store could not take the write
     UPSTREAM_UNHEALTHY = "upstream_unhealthy"
     UPSTREAM_HEALTHY = "upstream_healthy"
     ENDPOINT_EJECTED = "endpoint_ejected"

@@ -11,20 +11,26 @@ from multidict import CIMultiDict
 
 from sidecar.core.decisions import Decision
 from sidecar.core.faults import decide_fault
+from sidecar.fleet.ratelimit import key_for
 from sidecar.llm.usage import request_shape
 from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
 
 
 async def rate_limit_layer(ex: Exchange, call: Call, next) -> Reply:
     limit = ex.route.rate_limit
-    bucket = ex.state.bucket
-    if bucket is not None:
-        allowed, retry_after = bucket.try_take()
-        if not allowed:
-            ex.decide(Decision.RATE_LIMITED, f"over {limit.per_second:g}/s (burst {limit.burst})")
+    limiter = ex.state.limiter
+    if limiter is not None:
+        verdict = await limiter.acquire(key_for(limit, ex.headers))
+        if verdict.local_reason is not None:     # the shared store did not answer: this pod's bucket did
+            ex.decide(Decision.RATE_LIMIT_LOCAL, verdict.local_reason)
+        if not verdict.allowed:
+            scope = "global" if limit.store != "local" and not verdict.decided_locally else "local"
+            per = f" per {limit.key}" if limit.key else ""
+            ex.decide(Decision.RATE_LIMITED, f"over the {scope} limit of {limit.per_second:g}/s{per} "
+                                             f"(burst {limit.burst})")
             if ex.enforce:
-                raise Degraded("rate-limited", "local rate limit exceeded", status=429,
-                               retry_after=max(retry_after, 0.001))
+                raise Degraded("rate-limited", f"{scope} rate limit exceeded", status=429,
+                               retry_after=max(verdict.retry_after, 0.001))
     window = ex.state.tokens
     if window is None:
         return await next(ex, call)

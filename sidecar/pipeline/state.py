@@ -9,8 +9,9 @@ from sidecar.core.breaker import CircuitBreaker
 from sidecar.core.budget import RetryBudget
 from sidecar.core.clock import Clock
 from sidecar.core.concurrency import ConcurrencyLimit
-from sidecar.core.ratelimit import TokenBucket
 from sidecar.core.tokenwindow import TokenWindow
+from sidecar.fleet.link import Links
+from sidecar.fleet.ratelimit import Limiter, make_limiter
 from sidecar.policy.model import BreakerPolicy, Route
 
 # Passthrough routes get a breaker per original destination: bounded so that a scan of many hosts
@@ -19,18 +20,19 @@ MAX_BREAKERS_PER_ROUTE = 1024
 
 
 class RouteState:
-    __slots__ = ("name", "upstream", "route", "clock", "budget", "concurrency", "bucket", "tokens", "breakers",
-                 "cache")
+    __slots__ = ("name", "upstream", "route", "clock", "budget", "concurrency", "limiter", "tokens", "breakers",
+                 "cache", "links")
 
-    def __init__(self, route: Route, clock: Clock) -> None:
+    def __init__(self, route: Route, clock: Clock, links: Links | None = None) -> None:
         self.name = route.name
+        self.links = links if links is not None else Links(clock)
         self.upstream = route.upstream
         self.clock = clock
         self.breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
         self.route = route
         self.budget = None
         self.concurrency = None
-        self.bucket = None
+        self.limiter: Limiter | None = None  # rate_limit.per_second: local buckets, or GCRA in Redis
         self.tokens = None                   # rate_limit.tokens_per_minute: a TokenWindow
         self.cache = None                    # set by the cache layer for routes with `cache:`
         self.apply(route)
@@ -51,9 +53,9 @@ class RouteState:
             self.concurrency = ConcurrencyLimit(route.concurrency.max)
         limit = route.rate_limit
         if limit is None or limit.per_second is None:
-            self.bucket = None
-        elif self.bucket is None or old.rate_limit != limit:
-            self.bucket = TokenBucket(limit.per_second, limit.burst, self.clock)
+            self.limiter = None
+        elif self.limiter is None or old.rate_limit != limit:
+            self.limiter = make_limiter(route.name, limit, self.clock, self.links)
         if limit is None or limit.tokens_per_minute is None:
             self.tokens = None
         elif self.tokens is None or self.tokens.limit != limit.tokens_per_minute:
@@ -84,8 +86,9 @@ class RouteState:
 class StateRegistry:
     """Finds the live state for each route of a newly loaded policy."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, links: Links | None = None) -> None:
         self.clock = clock
+        self.links = links if links is not None else Links(clock)   # Redis, for `store: redis://` limits
         self._states: dict[tuple[str, str | None], RouteState] = {}
 
     def bind(self, routes: list[Route]) -> dict[str, RouteState]:
@@ -95,7 +98,7 @@ class StateRegistry:
             key = (route.name, route.upstream)
             state = self._states.get(key)
             if state is None:
-                state = RouteState(route, self.clock)
+                state = RouteState(route, self.clock, self.links)
             else:
                 state.apply(route)
             fresh[key] = state

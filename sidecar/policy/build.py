@@ -396,7 +396,8 @@ class _Builder(Checker):
     def queue(self, d: dict | None, sub: Path) -> QueuePolicy | None:
         if d is None:
             return None
-        kw = self.pick(d, sub, max_items=_int, max_age=self.duration)
+        kw = self.pick(d, sub, max_items=_int, max_age=self.duration, store=_same,
+                       visibility_timeout=self.duration, handoff=_same)
         return QueuePolicy(when=self.conditions(d.get("when", DEFAULT_QUEUE_WHEN), sub + ("when",)), **kw)
 
     def fault(self, d: dict | None, sub: Path) -> FaultPolicy | None:
@@ -413,9 +414,12 @@ class _Builder(Checker):
         if d is None:
             return None
         tokens = int(d["tokens_per_minute"]) if "tokens_per_minute" in d else None
+        fleet = {"store": d.get("store", "local"), "max_keys": int(d.get("max_keys", 10_000))}
         if "per_second" not in d:
-            return RateLimitPolicy(tokens_per_minute=tokens)
+            return RateLimitPolicy(tokens_per_minute=tokens, **fleet)
         per_second = float(d["per_second"])
         # Without `burst`, a bucket holds one second's worth (at least one request).
         burst = int(d["burst"]) if "burst" in d else max(1, round(per_second))
-        return RateLimitPolicy(per_second=per_second, burst=burst, tokens_per_minute=tokens)
+        key = d.get("key")
+        return RateLimitPolicy(per_second=per_second, burst=burst, tokens_per_minute=tokens,
+                               key=key[len("header:"):].lower() if key else None, **fleet)

@@ -11,6 +11,7 @@ import json
 
 from sidecar.policy.model import (
     BreakerPolicy, CachePolicy, Conditions, FallbackPolicy, FallbackTarget, FaultPolicy, Match, OutlierPolicy, Policy,
+    QueuePolicy, RateLimitPolicy,
     RetryPolicy, Rewrite, Route, StaticResponse, Upstream,
 )
 from sidecar.policy.units import format_duration as _d, format_size as _size
@@ -41,12 +42,16 @@ def policy_data(policy: Policy, *, redact: bool = True) -> dict:
     return scrub(data, policy.secrets) if redact else data
 
 
-def _rate_limit(limit) -> dict:
+def _rate_limit(limit: RateLimitPolicy) -> dict:
     out: dict = {}
     if limit.per_second is not None:
         out.update(per_second=_num(limit.per_second), burst=limit.burst)
     if limit.tokens_per_minute is not None:
         out["tokens_per_minute"] = limit.tokens_per_minute
+    if limit.key is not None:
+        out["key"] = f"header:{limit.key}"
+        out["max_keys"] = limit.max_keys
+    out["store"] = limit.store
     return out
 
 
@@ -115,8 +120,7 @@ def route_data(r: Route, *, identity: bool = True, nulls: bool = False) -> dict:
     for key, dump in (("retry", _retry), ("breaker", _breaker), ("concurrency", lambda c: {"max": c.max}),
                       ("hedge", lambda h: {"delay": _d(h.delay), "max_extra": h.max_extra}),
                       ("cache", _cache), ("fallback", _fallback),
-                      ("queue", lambda q: {"when": conditions_data(q.when), "max_items": q.max_items,
-                                           "max_age": _d(q.max_age)}),
+                      ("queue", _queue),
                       ("fault", _fault),
                       ("rate_limit", _rate_limit)):
         value = getattr(r, key)
@@ -227,6 +231,15 @@ def _fault(f: FaultPolicy) -> dict:
         out["delay"] = {"duration": _d(f.delay.duration), "percent": _num(f.delay.percent)}
     if f.header is not None:
         out["header"] = _drop_none({"name": f.header[0], "value": f.header[1]})
+    return out
+
+
+def _queue(q: QueuePolicy) -> dict:
+    out = {"when": conditions_data(q.when), "max_items": q.max_items, "max_age": _d(q.max_age), "store": q.store}
+    if q.store != "state_dir":
+        out["visibility_timeout"] = _d(q.visibility_timeout)
+    if q.handoff is not None:
+        out["handoff"] = q.handoff
     return out
 
 

@@ -330,6 +330,9 @@ class QueuePolicy:
     when: Conditions
     max_items: int = 10_000
     max_age: float = 86_400.0
+    store: str = "state_dir"               # state_dir (SQLite, this pod) | redis://host:port/db (shared)
+    visibility_timeout: float = 30.0       # redis: a delivering replica silent this long loses its item
+    handoff: str | None = None             # state_dir store: redis://... that takes undelivered writes at SIGTERM
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +359,9 @@ class RateLimitPolicy:
     per_second: float | None = None        # requests: a token bucket
     burst: int = 1
     tokens_per_minute: int | None = None   # LLM tokens: a sliding minute, counted from answers' usage
+    key: str | None = None                 # header name (lower-case): one bucket per value; None: one bucket
+    store: str = "local"                   # local (this process) | redis://host:port/db (every replica)
+    max_keys: int = 10_000                 # distinct key values kept per route (local buckets)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,109 @@
+"""One rate limit across three real `sidecar run` processes sharing one real redis-server (GCRA in Redis)."""
+import asyncio
+import collections
+import re
+
+import aiohttp
+
+from fleet_support import Pod, RecordingUpstream
+
+RATE, BURST = 20, 20
+# The bound holds exactly for what Redis decides; +2 for a request admitted at each edge of the measured
+# window (the window is measured in this process, the buckets run on Redis's clock).
+EDGE = 2
+
+
+def fleet_policy(redis_url: str, upstream: RecordingUpstream):
+    def text(pod: Pod) -> str:
+        return f"""
+        version: 1
+        listeners:
+          - {{name: api, mode: reverse, port: {pod.listen}, upstream: svc}}
+        admin: {{port: {pod.admin}}}
+        health: {{bind: 127.0.0.1, port: {pod.health}}}
+        upstreams:
+          svc: {{url: "{upstream.url}"}}
+        routes:
+          - name: global
+            match: {{path_prefix: /global}}
+            upstream: svc
+            rate_limit: {{per_second: {RATE}, burst: {BURST}, store: "{redis_url}"}}
+          - name: tenant
+            match: {{path_prefix: /tenant}}
+            upstream: svc
+            rate_limit: {{per_second: {RATE}, burst: {BURST}, key: "header:x-tenant", store: "{redis_url}"}}
+        state_dir: {pod.state_dir}
+        """
+    return text
+
+
+async def offer(pods, path, rate, seconds, tenants=(None,)):
+    """`rate` requests/s for `seconds`, round-robin over the pods (and tenants); returns each answer's
+    (pod index, tenant, status) and the measured length of the run."""
+    loop = asyncio.get_running_loop()
+    total = int(rate * seconds)
+    results = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        async def one(i):
+            pod, tenant = i % len(pods), tenants[i % len(tenants)]
+            headers = {"x-tenant": tenant} if tenant else {}
+            async with s.get(pods[pod].url + path, headers=headers) as r:
+                await r.read()
+                results.append((pod, tenant, r.status))
+        start = loop.time()
+        tasks = []
+        for i in range(total):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        return results, loop.time() - start
+
+
+async def local_decisions(pods) -> int:
+    total = 0
+    for pod in pods:
+        text = await pod.metrics()
+        total += sum(int(float(v)) for v in re.findall(r'decision="rate_limit_local"[^}]*} ([0-9.]+)', text))
+    return total
+
+
+async def test_a_global_limit_holds_across_three_sidecars(tmp_path, redis_url):
+    upstream = await RecordingUpstream().start()
+    upstream.down = False
+    pods = [Pod(tmp_path, name, fleet_policy(redis_url, upstream)) for name in "abc"]
+    try:
+        for pod in pods:
+            pod.start()
+        for pod in pods:
+            await pod.ready()
+
+        # 300 requests/s for 5 s over the three: the upstream sees at most burst + rate x time
+        results, took = await offer(pods, "/global", 300, 5.0)
+        passed = collections.Counter(pod for pod, _, status in results if status == 200)
+        statuses = collections.Counter(status for _, _, status in results)
+        fallbacks = await local_decisions(pods)
+        bound = BURST + RATE * took + EDGE + fallbacks
+        assert set(statuses) <= {200, 429}, statuses
+        assert upstream.hits == statuses[200]
+        assert BURST + RATE <= upstream.hits <= bound, (upstream.hits, took, fallbacks)
+        assert sorted(passed) == [0, 1, 2], passed           # every sidecar let some through
+        print(f"global: {upstream.hits} of {len(results)} reached the upstream in {took:.2f}s "
+              f"(bound {bound:.0f}); per sidecar {dict(passed)}; local fallbacks {fallbacks}")
+
+        # with key: header:x-tenant, each tenant has its own 20/s
+        before = upstream.hits
+        results, took = await offer(pods, "/tenant", 300, 3.0, tenants=("acme", "zeta"))
+        by_tenant = collections.Counter(t for _, t, status in results if status == 200)
+        fallbacks = await local_decisions(pods)
+        one_bucket = BURST + RATE * took + EDGE + fallbacks
+        assert upstream.hits - before == sum(by_tenant.values())
+        assert all(BURST <= by_tenant[t] <= one_bucket for t in ("acme", "zeta")), (by_tenant, one_bucket)
+        assert sum(by_tenant.values()) > one_bucket                # more than one bucket could give
+        print(f"tenants: {dict(by_tenant)} in {took:.2f}s (each bound {one_bucket:.0f})")
+    finally:
+        for pod in pods:
+            pod.stop()
+        await upstream.stop()
