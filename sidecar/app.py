@@ -16,7 +16,7 @@ from sidecar.admin.events import EventHub
 from sidecar.policy.errors import CertError
 from sidecar.policy.model import Policy
 from sidecar.proxy.guard import GuardedAppRunner
-from sidecar.queue import QueueError, open_queue
+from sidecar.queue import QueueError, open_queues
 from sidecar.runtime import Runtime
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.signals import Signals
@@ -64,7 +64,7 @@ async def start(policy: Policy, *, reuse_port: bool = False, admin: bool = True,
     otel = OtelSink.from_config(policy.telemetry)
     if otel is not None:
         sinks.append(otel)
-    queue = await open_queue(policy)         # store-and-forward: None unless a route has `queue:`
+    queue = await open_queues(policy)        # store-and-forward: None unless a route has `queue:`
     runtime = Runtime(policy, sinks=sinks, queue=queue, **runtime_kwargs)
     holder.append(runtime)
     if queue is not None:
@@ -130,8 +130,9 @@ def run_forever(policy: Policy, *, workers: int = 1, drain_timeout: float = 20.0
         pass
     if workers <= 1:
         return asyncio.run(_main(policy, drain_timeout))
-    if any(route.queue is not None for route in policy.routes):
-        log.error("--workers > 1 is not supported with store-and-forward queues (one delivery loop per state_dir)")
+    if any(route.queue is not None and route.queue.store == "state_dir" for route in policy.routes):
+        log.error("--workers > 1 is not supported with state_dir store-and-forward queues (one delivery loop "
+                  "per state_dir); `queue: {store: redis://...}` works with any number")
         return 1
     children = []
     for _ in range(workers - 1):

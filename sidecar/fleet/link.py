@@ -45,12 +45,18 @@ def where(url: str) -> str:
 class RedisLink:
     def __init__(self, url: str, clock: Clock = SYSTEM_CLOCK) -> None:
         import redis.asyncio as aioredis     # only when a policy names a Redis store
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
         self.url = url
         self.where = where(url)
         self.clock = clock
         self.client = aioredis.Redis.from_url(
             url, socket_timeout=OP_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
             max_connections=MAX_CONNECTIONS, decode_responses=False, retry_on_timeout=False,
+            # A pooled connection that Redis closed (a restart) fails its next command once: one
+            # immediate retry on a fresh connection, so a restart costs no failed call and no backoff.
+            retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
             health_check_interval=0)
         self._down_until = 0.0
         self._backoff = BACKOFF_FIRST

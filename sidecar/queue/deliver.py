@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.retry import parse_retry_after
 from sidecar.pipeline.calls import host_header, upstream_url
 from sidecar.pipeline.send import MIN_READ_IDLE, redact_url
@@ -45,6 +46,36 @@ class Outcome:
 def finished(status: int) -> bool:
     """Is this answer the end of the write's journey (delivered, or rejected for good)?"""
     return status < 500 and status not in NOT_NOW
+
+
+TRANSITION = {"open": Decision.BREAKER_OPENED, "half_open": Decision.BREAKER_HALF_OPEN,
+              "closed": Decision.BREAKER_CLOSED}
+
+
+def route_breaker(runtime, route: str, target: str):
+    state = runtime.gen.states.get(route)
+    return state.breaker(target) if state is not None else None
+
+
+def blocked(runtime, route: str, target: str, next_at: float) -> str | None:
+    """Why a stored write to `target` may not be sent now, or None. Admitting through the breaker goes
+    last: it takes a half-open probe slot, which the caller then always gives back (record or release)."""
+    if runtime.clock.monotonic() < next_at:
+        return "backoff after a failed attempt"
+    health = runtime.health.get(target)
+    if health is not None and not health.healthy:
+        return f"upstream {target} failing its health check"
+    breaker = route_breaker(runtime, route, target)
+    if breaker is not None:
+        admitted, transition = breaker.admit()
+        if transition is not None:
+            runtime.sink.decision(DecisionRecord(
+                decision=TRANSITION[transition.new.value], route=route, upstream=target,
+                reason=f"{transition.reason} (queue delivery)", at=time.time(),
+                breaker_state=transition.new.value, policy_version=runtime.gen.policy.digest))
+        if not admitted:
+            return f"circuit breaker for {target} is {breaker.state.value}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,39 @@ def find_route(policy: Policy, name: str) -> Route | None:
     return next((r for r in policy.routes if r.name == name), None)
 
 
+def new_item(ex: Exchange, now: float, max_age: float) -> NewItem:
+    """What a store keeps of a write: the app's request as sent (minus what is recomputed per delivery),
+    where it was going, and an Idempotency-Key (the app's, or a new UUID added to its headers)."""
+    gen = ex.runtime
+    path = ex.url.raw_path_qs or "/"
+    name = ex.route.upstream
+    if name is None:                     # a reverse listener's upstream, as the listener chose it
+        listener = next((lst for lst in gen.policy.listeners if lst.name == ex.record.listener), None)
+        if listener is not None and listener.mode == "reverse":
+            name = listener.upstream
+    up = gen.policy.upstreams.get(name) if name else None
+    if up is not None:
+        target, upstream, url = up.name, up.name, str(upstream_url(up, path))
+    else:
+        target, upstream = f"{ex.url.host}:{ex.url.port}", None
+        url = f"{ex.url.scheme}://{ex.url.raw_authority}{path}"
+    headers = [(k, v) for k, v in ex.headers.items() if k.lower() not in _NOT_STORED]
+    key = ex.headers.get("idempotency-key")
+    if not key:
+        key = str(uuid.uuid4())
+        headers.append(("Idempotency-Key", key))
+    return NewItem(route=ex.route.name, target=target, upstream=upstream, method=ex.method, url=url,
+                   path=path, headers=tuple(headers), body=ex.body.data, idempotency_key=key,
+                   trace_id=ex.record.trace_id, span_id=ex.record.span_id, accepted_at=now, max_age=max_age)
+
+
+def queued_reply(route: str, name: str, idempotency_key: str) -> Reply:
+    """The app's 202 for a stored write (both stores)."""
+    body = {"queued": name, "route": route, "idempotency_key": idempotency_key}
+    headers = CIMultiDict({"content-type": "application/json", "x-sidecar-queued": name})
+    return Reply(status=202, headers=headers, upstream="queue", body=json.dumps(body).encode())
+
+
 class DurableQueue:
     def __init__(self, store: Store, executor: ThreadPoolExecutor, rows: list[IndexRow]) -> None:
         self._store = store
@@ -160,33 +193,10 @@ class DurableQueue:
         ex.decide(Decision.QUEUED, f"{reason}; stored as {name}, delivered when {item.target} recovers",
                   upstream=item.target)
         self._ensure_worker(route.name)
-        body = {"queued": name, "route": route.name, "idempotency_key": item.idempotency_key}
-        headers = CIMultiDict({"content-type": "application/json", "x-sidecar-queued": name})
-        return Reply(status=202, headers=headers, upstream="queue", body=json.dumps(body).encode())
+        return queued_reply(route.name, name, item.idempotency_key)
 
     def _new_item(self, ex: Exchange, max_age: float) -> NewItem:
-        gen = ex.runtime
-        path = ex.url.raw_path_qs or "/"
-        name = ex.route.upstream
-        if name is None:                     # a reverse listener's upstream, as the listener chose it
-            listener = next((lst for lst in gen.policy.listeners if lst.name == ex.record.listener), None)
-            if listener is not None and listener.mode == "reverse":
-                name = listener.upstream
-        up = gen.policy.upstreams.get(name) if name else None
-        if up is not None:
-            target, upstream, url = up.name, up.name, str(upstream_url(up, path))
-        else:
-            target, upstream = f"{ex.url.host}:{ex.url.port}", None
-            url = f"{ex.url.scheme}://{ex.url.raw_authority}{path}"
-        headers = [(k, v) for k, v in ex.headers.items() if k.lower() not in _NOT_STORED]
-        key = ex.headers.get("idempotency-key")
-        if not key:
-            key = str(uuid.uuid4())
-            headers.append(("Idempotency-Key", key))
-        return NewItem(route=ex.route.name, target=target, upstream=upstream, method=ex.method, url=url,
-                       path=path, headers=tuple(headers), body=ex.body.data, idempotency_key=key,
-                       trace_id=ex.record.trace_id, span_id=ex.record.span_id,
-                       accepted_at=self._clock.time(), max_age=max_age)
+        return new_item(ex, self._clock.time(), max_age)
 
     # -- delivering --------------------------------------------------------------------------------
     def _ensure_worker(self, route: str) -> None:
@@ -330,6 +340,30 @@ class DurableQueue:
             breaker_state=breaker_state, policy_version=runtime.gen.policy.digest,
             trace_id=trace_id, span_id=span_id))
 
+    async def _hand_off(self, targets: dict[str, str], move) -> None:
+        """SIGTERM with `handoff:`: each such route's undelivered writes go to its shared stream, oldest
+        first, and leave the local file once Redis took them (a failure keeps the rest here)."""
+        for route, url in sorted(targets.items()):
+            entries = self._routes.get(route)
+            if not entries:
+                continue
+            count = len(entries)
+            moved = 0
+            try:
+                while entries:
+                    entry = entries[0]
+                    item = await self._db(self._store.get, entry.id)
+                    if item is not None:
+                        await move(url, [item])
+                    await self._db(self._store.delete, entry.id)
+                    entries.popleft()
+                    moved += 1
+            except Exception as exc:  # noqa: BLE001 - whatever failed, what is left stays on disk
+                log.error("queue: route %s: handoff to %s stopped after %d of %d write(s): %s", route,
+                          url, moved, count, exc)
+            else:
+                log.info("queue: route %s: %d undelivered write(s) handed off to the shared queue", route, moved)
+
     # -- observing ---------------------------------------------------------------------------------
     def stats(self) -> dict:
         """For /status and /metrics: depth and age of the oldest write, overall and per route."""
@@ -354,8 +388,9 @@ class DurableQueue:
         depth = sum(len(e) for e in self._routes.values())
         return {"items": items, "depth": depth, "truncated": depth > len(items)}
 
-    async def close(self) -> None:
-        """Stop delivering; every write not yet delivered stays on disk for the next start."""
+    async def close(self, handoff=None) -> None:
+        """Stop delivering; every write not yet delivered stays on disk for the next start, except on
+        routes in `handoff` ((route -> redis url, async move(url, items) -> count)): moved there."""
         if self._closed:
             return
         self._closed = True
@@ -363,6 +398,13 @@ class DurableQueue:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        if handoff is not None:
+            await self._hand_off(*handoff)
+        left = {route: len(entries) for route, entries in self._routes.items() if entries}
+        if left:
+            log.warning("queue: %d write(s) undelivered at shutdown, kept in %s (%s): they survive a "
+                        "restart on this state_dir, not the pod's deletion", sum(left.values()),
+                        self._store.path, ", ".join(f"{r}: {n}" for r, n in sorted(left.items())))
         try:
             await self._db(self._store.close)
         finally:

@@ -58,15 +58,16 @@ class Pod:
                 assert loop.time() < end, f"{self.name} not ready:\n{self.log.read_text()}"
                 await asyncio.sleep(0.05)
 
-    def kill_pod(self) -> None:
+    # Waits run in a thread: the upstream lives on this test's event loop and must keep answering.
+    async def kill_pod(self) -> None:
         """What a deleted pod looks like to the sidecar: SIGKILL, and its emptyDir state_dir gone."""
         self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(10) == -signal.SIGKILL
+        assert await asyncio.to_thread(self.proc.wait, 10) == -signal.SIGKILL
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    def terminate(self, timeout: float = 20.0) -> int:
+    async def terminate(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        return await asyncio.to_thread(self.proc.wait, timeout)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -89,7 +90,7 @@ class Pod:
 
 
 class RecordingUpstream:
-    """503 while `down`; when up, answers 201 and records (route path, body n, Idempotency-Key) in
+    """503 to writes while `down` (reads are answered 200 always); when up, answers 201 and records (route path, body n, Idempotency-Key) in
     arrival order. `hold` (an Event) parks each write before it is recorded, to catch a claim mid-way."""
 
     def __init__(self) -> None:
@@ -105,7 +106,7 @@ class RecordingUpstream:
     async def handle(self, request: web.Request) -> web.Response:
         self.hits += 1
         body = await request.read()
-        if self.down:
+        if self.down and request.method == "POST":
             self.refused += 1
             return web.Response(status=503)
         if request.method == "POST" and body:

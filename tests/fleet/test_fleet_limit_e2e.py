@@ -86,7 +86,9 @@ async def test_a_global_limit_holds_across_three_sidecars(tmp_path, redis_url):
         statuses = collections.Counter(status for _, _, status in results)
         fallbacks = await local_decisions(pods)
         bound = BURST + RATE * took + EDGE + fallbacks
-        assert set(statuses) <= {200, 429}, statuses
+        # 408: on a starved machine the sidecar's header-read timeout may answer a request before the
+        # limiter sees it (proxy/guard.py); it never reaches the upstream either
+        assert set(statuses) <= {200, 429, 408}, statuses
         assert upstream.hits == statuses[200]
         assert BURST + RATE <= upstream.hits <= bound, (upstream.hits, took, fallbacks)
         assert sorted(passed) == [0, 1, 2], passed           # every sidecar let some through
