@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test system-deps bench bench-quick bench-grpc soak clean
+.PHONY: demo test system-deps bench bench-quick bench-grpc soak soak-fleet clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,12 @@ bench-grpc: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak
+
+# Two sidecars sharing one redis-server, killed like deleted pods (SIGKILL + state_dir wiped): 0 accepted
+# writes may be lost. SOAK_MINUTES=2 for a short run.
+SOAK_MINUTES ?= 10
+soak-fleet: $(STAMP)
+	$(BIN)/python -m bench.soak --fleet --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,6 +1,7 @@
 """Soak: a real sidecar process under a fixed request rate for N minutes, with faults upstream.
 
     python -m bench.soak [--minutes 10] [--rate 40] [--seed 1]        (`make soak`; not in CI)
+    python -m bench.soak --fleet ...   two sidecars, one Redis, pod deaths (`make soak-fleet`; soak_fleet.py)
 
 On loopback only. The sidecar runs as `python -m sidecar run` in front of an upstream that this script
 serves and breaks on purpose:
@@ -366,7 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="how long to run (default 10)")
     parser.add_argument("--rate", type=float, default=40.0, help="requests per second (default 40)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fleet", action="store_true",
+                        help="two sidecars, one Redis, pod-style deaths (bench/soak_fleet.py)")
     args = parser.parse_args(argv)
+    if args.fleet:
+        from bench.soak_fleet import fleet_soak
+        return asyncio.run(fleet_soak(args.minutes, args.rate, args.seed))
     return asyncio.run(soak(args.minutes, args.rate, args.seed))
 
 
