@@ -43,7 +43,7 @@ class Pod:
                                      stderr=subprocess.STDOUT, env={**os.environ, "SIDECAR_LOG_LEVEL": "info"})
         return self
 
-    async def ready(self, timeout: float = 30.0) -> "Pod":
+    async def ready(self, timeout: float = 90.0) -> "Pod":     # a hang guard: a loaded CI box starts slowly
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         async with aiohttp.ClientSession() as s:
