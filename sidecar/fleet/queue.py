@@ -48,6 +48,8 @@ STANDBY_POLL = 0.5          # seconds between tries at the lease while another r
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 30.0
 MAX_RETRY_AFTER = 300.0
+CONSUMER_CLEANUP_EVERY = 300.0          # seconds between sweeps of departed replicas' consumer names
+CONSUMER_IDLE_MS = 3_600_000
 
 # Atomic max_items: the length check and the append in one step, whatever the number of replicas.
 ADD = """
@@ -142,6 +144,7 @@ class SharedQueue:
         self._delivered: collections.Counter[str] = collections.Counter()
         self._expired: collections.Counter[str] = collections.Counter()
         self._heads: dict[str, _Head] = {}
+        self._next_cleanup: dict[str, float] = {}
         self._supervisor: asyncio.Task | None = None
         self._closed = False
 
@@ -220,7 +223,7 @@ class SharedQueue:
                     self._waiting[route] = "another replica delivers this route"
                     await asyncio.sleep(STANDBY_POLL)
                     continue
-                await self._step(route, link, key, visibility)
+                await self._step(route, link, key, visibility, lease)
             except asyncio.CancelledError:
                 if holding:
                     await self._release(link, lease)
@@ -235,6 +238,31 @@ class SharedQueue:
             except Exception:  # noqa: BLE001 - a bug here must not stop delivery for good
                 log.exception("queue: shared delivery worker for route %s failed; going on", route)
                 await asyncio.sleep(1.0)
+
+    async def _keep_lease(self, link: RedisLink, lease: str, visibility: float) -> None:
+        vis_ms = str(max(int(visibility * 1000), 100))
+        while True:
+            await asyncio.sleep(max(visibility / 3, 0.05))
+            try:
+                await link.call("queue lease", lambda: link.client.eval(RENEW, 1, lease, self.consumer, vis_ms))
+            except RedisUnavailable:
+                pass                         # the ack will fail too; the entry stays pending
+
+    async def _forget_dead_consumers(self, link: RedisLink, key: str) -> None:
+        """Every sidecar process joins the group under a new name; names that hold nothing and were idle
+        for an hour are dropped now and then, so pod churn does not grow the group for ever."""
+        now = self._runtime.clock.monotonic()
+        if now < self._next_cleanup.get(key, 0.0):
+            return
+        self._next_cleanup[key] = now + CONSUMER_CLEANUP_EVERY
+        try:
+            consumers = await link.call("queue consumers", lambda: link.client.xinfo_consumers(key, GROUP))
+            for c in consumers:
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if c["pending"] == 0 and c["idle"] > CONSUMER_IDLE_MS and name != self.consumer:
+                    await link.call("queue consumers", lambda: link.client.xgroup_delconsumer(key, GROUP, name))
+        except RedisUnavailable:
+            pass
 
     async def _release(self, link: RedisLink, lease: str) -> None:
         try:
@@ -267,7 +295,7 @@ class SharedQueue:
         else:
             self._oldest.pop(route, None)
 
-    async def _step(self, route: str, link: RedisLink, key: str, visibility: float) -> None:
+    async def _step(self, route: str, link: RedisLink, key: str, visibility: float, lease: str) -> None:
         head = self._heads.get(route)
         if head is None:
             head = await self._next(route, link, key, visibility)
@@ -283,7 +311,14 @@ class SharedQueue:
             await asyncio.sleep(POLL)
             return
         self._waiting.pop(route, None)
-        await self._deliver(route, link, key, head)
+        # An attempt may outlast the visibility timeout (a slow upstream under a long route timeout):
+        # the lease is renewed meanwhile, so no other replica takes the route over from a live one.
+        renewer = asyncio.get_running_loop().create_task(self._keep_lease(link, lease, visibility))
+        try:
+            await self._deliver(route, link, key, head)
+        finally:
+            renewer.cancel()
+        await self._forget_dead_consumers(link, key)
 
     async def _next(self, route: str, link: RedisLink, key: str, visibility: float) -> _Head | None:
         """The oldest entry not yet delivered, claimed by this replica; None when there is none (or the
