@@ -67,9 +67,11 @@ class RedisLink:
     def available(self) -> bool:
         return self.clock.monotonic() >= self._down_until
 
-    async def call(self, op: str, fn: Callable[[], Awaitable[Any]], timeout: float = OP_TIMEOUT) -> Any:
-        """Run `fn()` (one or a few Redis commands) under `timeout`; RedisUnavailable on any failure."""
-        if not self.available():
+    async def call(self, op: str, fn: Callable[[], Awaitable[Any]], timeout: float = OP_TIMEOUT, *,
+                   despite_backoff: bool = False) -> Any:
+        """Run `fn()` (one or a few Redis commands) under `timeout`; RedisUnavailable on any failure.
+        `despite_backoff`: try even while backing off (a last word at shutdown, worth one timeout)."""
+        if not despite_backoff and not self.available():
             raise RedisUnavailable(f"{self.where} unavailable ({self.last_error}); not retried until "
                                    f"the backoff ends")
         try:

@@ -191,7 +191,8 @@ class SharedQueue:
         for item in items:
             meta, body = encode(item)
             await link.call("queue handoff", lambda: link.client.xadd(stream_key(item.route),
-                                                                      {"v": meta, "b": body}))
+                                                                      {"v": meta, "b": body}),
+                            despite_backoff=True)
             moved += 1
         return moved
 
@@ -265,8 +266,13 @@ class SharedQueue:
             pass
 
     async def _release(self, link: RedisLink, lease: str) -> None:
+        """A clean stop (SIGTERM): give the lease back and say this consumer is gone, so the next
+        deliverer takes over its claimed entry at once instead of after visibility_timeout."""
         try:
-            await link.call("queue lease", lambda: link.client.eval(RELEASE, 1, lease, self.consumer))
+            await link.call("queue lease", lambda: link.client.set(
+                f"{lease}:gone:{self.consumer}", b"1", ex=3600), despite_backoff=True)
+            await link.call("queue lease", lambda: link.client.eval(RELEASE, 1, lease, self.consumer),
+                            despite_backoff=True)
         except RedisUnavailable:
             pass
 
@@ -328,7 +334,11 @@ class SharedQueue:
         if pending:
             p = pending[0]
             owner = p["consumer"].decode() if isinstance(p["consumer"], bytes) else p["consumer"]
-            if owner != self.consumer and p["time_since_delivered"] < visibility * 1000:
+            idle_ms = p["time_since_delivered"]
+            if owner != self.consumer and idle_ms < visibility * 1000 and await link.call(
+                    "queue pending", lambda: link.client.exists(f"{key}:lease:gone:{owner}")):
+                idle_ms = visibility * 1000           # its owner stopped cleanly: no need to wait
+            if owner != self.consumer and idle_ms < visibility * 1000:
                 self._waiting[route] = (f"{p['message_id'].decode()} is held by {owner}; reclaimed once it "
                                         f"has been silent for {visibility:g}s")
                 return None
@@ -336,8 +346,9 @@ class SharedQueue:
                 claimed = await link.call("queue claim", lambda: link.client.xclaim(
                     key, GROUP, self.consumer, 0, [p["message_id"]]))
             else:
+                min_idle = min(int(visibility * 1000), int(p["time_since_delivered"]))
                 _, claimed, *_ = await link.call("queue claim", lambda: link.client.xautoclaim(
-                    key, GROUP, self.consumer, int(visibility * 1000), start_id=p["message_id"], count=1))
+                    key, GROUP, self.consumer, min_idle, start_id=p["message_id"], count=1))
                 if claimed:
                     log.warning("queue: route %s: reclaimed %s from %s, silent for %.1fs", route,
                                 claimed[0][0].decode(), owner, p["time_since_delivered"] / 1000)

@@ -1,7 +1,6 @@
 """One rate limit across three real `sidecar run` processes sharing one real redis-server (GCRA in Redis)."""
 import asyncio
 import collections
-import re
 
 import aiohttp
 
@@ -39,7 +38,7 @@ def fleet_policy(redis_url: str, upstream: RecordingUpstream):
 
 async def offer(pods, path, rate, seconds, tenants=(None,)):
     """`rate` requests/s for `seconds`, round-robin over the pods (and tenants); returns each answer's
-    (pod index, tenant, status) and the measured length of the run."""
+    (pod index, tenant, status, decided by the pod's local bucket) and the measured length of the run."""
     loop = asyncio.get_running_loop()
     total = int(rate * seconds)
     results = []
@@ -50,7 +49,8 @@ async def offer(pods, path, rate, seconds, tenants=(None,)):
             headers = {"x-tenant": tenant} if tenant else {}
             async with s.get(pods[pod].url + path, headers=headers) as r:
                 await r.read()
-                results.append((pod, tenant, r.status))
+                local = "rate_limit_local" in r.headers.get("x-sidecar-degraded", "")
+                results.append((pod, tenant, r.status, local))
         start = loop.time()
         tasks = []
         for i in range(total):
@@ -60,14 +60,6 @@ async def offer(pods, path, rate, seconds, tenants=(None,)):
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
         return results, loop.time() - start
-
-
-async def local_decisions(pods) -> int:
-    total = 0
-    for pod in pods:
-        text = await pod.metrics()
-        total += sum(int(float(v)) for v in re.findall(r'decision="rate_limit_local"[^}]*} ([0-9.]+)', text))
-    return total
 
 
 async def test_a_global_limit_holds_across_three_sidecars(tmp_path, redis_url):
@@ -80,31 +72,37 @@ async def test_a_global_limit_holds_across_three_sidecars(tmp_path, redis_url):
         for pod in pods:
             await pod.ready()
 
-        # 300 requests/s for 5 s over the three: the upstream sees at most burst + rate x time
+        # 300 requests/s for 5 s over the three: the upstream sees at most burst + rate x time of what
+        # Redis decided. On a starved machine a Redis call may take longer than 0.5 s: that request is
+        # decided by the pod's bucket instead (fail open, by design), says so in x-sidecar-degraded, and
+        # is counted apart.
         results, took = await offer(pods, "/global", 300, 5.0)
-        passed = collections.Counter(pod for pod, _, status in results if status == 200)
-        statuses = collections.Counter(status for _, _, status in results)
-        fallbacks = await local_decisions(pods)
-        bound = BURST + RATE * took + EDGE + fallbacks
+        passed = collections.Counter(pod for pod, _, status, _ in results if status == 200)
+        statuses = collections.Counter(status for _, _, status, _ in results)
+        by_redis = sum(1 for _, _, status, local in results if status == 200 and not local)
+        local = sum(1 for *_, local in results if local)
+        bound = BURST + RATE * took + EDGE
         # 408: on a starved machine the sidecar's header-read timeout may answer a request before the
         # limiter sees it (proxy/guard.py); it never reaches the upstream either
         assert set(statuses) <= {200, 429, 408}, statuses
         assert upstream.hits == statuses[200]
-        assert BURST + RATE <= upstream.hits <= bound, (upstream.hits, took, fallbacks)
+        assert BURST + RATE <= by_redis <= bound, (by_redis, took, local)
         assert sorted(passed) == [0, 1, 2], passed           # every sidecar let some through
-        print(f"global: {upstream.hits} of {len(results)} reached the upstream in {took:.2f}s "
-              f"(bound {bound:.0f}); per sidecar {dict(passed)}; local fallbacks {fallbacks}")
+        print(f"global: {upstream.hits} of {len(results)} reached the upstream in {took:.2f}s, {by_redis} "
+              f"decided by Redis (bound {bound:.0f}); per sidecar {dict(passed)}; decided locally {local}")
 
-        # with key: header:x-tenant, each tenant has its own 20/s
+        # with key: header:x-tenant, each tenant has its own 20/s: together they get more than one
+        # bucket could give (150 requests/s each, over three times the limit)
         before = upstream.hits
         results, took = await offer(pods, "/tenant", 300, 3.0, tenants=("acme", "zeta"))
-        by_tenant = collections.Counter(t for _, t, status in results if status == 200)
-        fallbacks = await local_decisions(pods)
-        one_bucket = BURST + RATE * took + EDGE + fallbacks
+        by_tenant = collections.Counter(t for _, t, status, _ in results if status == 200)
+        by_redis_tenant = collections.Counter(t for _, t, status, local in results if status == 200 and not local)
+        one_bucket = BURST + RATE * took + EDGE
         assert upstream.hits - before == sum(by_tenant.values())
-        assert all(BURST <= by_tenant[t] <= one_bucket for t in ("acme", "zeta")), (by_tenant, one_bucket)
-        assert sum(by_tenant.values()) > one_bucket                # more than one bucket could give
-        print(f"tenants: {dict(by_tenant)} in {took:.2f}s (each bound {one_bucket:.0f})")
+        assert all(by_redis_tenant[t] <= one_bucket for t in ("acme", "zeta")), (by_redis_tenant, one_bucket)
+        assert sum(by_tenant.values()) > one_bucket, (by_tenant, one_bucket)
+        print(f"tenants: {dict(by_tenant)} in {took:.2f}s, {dict(by_redis_tenant)} decided by Redis "
+              f"(each bound {one_bucket:.0f})")
     finally:
         for pod in pods:
             pod.stop()

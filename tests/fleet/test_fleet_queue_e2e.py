@@ -175,3 +175,32 @@ async def accept_writes_when_back(pod: Pod, count: int, start: int) -> dict[str,
         assert status == 202, (status, body)
         accepted[path].append((n, body["idempotency_key"]))
     return accepted
+
+
+async def test_a_pod_stopped_cleanly_hands_its_claim_over_at_once(tmp_path, redis_url):
+    """SIGTERM (a rolling update) rather than SIGKILL: the next deliverer does not wait out the
+    visibility timeout (60 s here) for the entry the stopped pod had claimed."""
+    upstream = await RecordingUpstream().start()
+    slow = queue_policy(redis_url, upstream)
+
+    def policy(pod: Pod) -> str:
+        return slow(pod).replace(f"visibility_timeout: {VISIBILITY}s", "visibility_timeout: 60s")
+    a, b = Pod(tmp_path, "a", policy), Pod(tmp_path, "b", policy)
+    try:
+        await a.start().ready()                        # alone: A takes the leases
+        b.start()
+        accepted = await accept_writes(a, 3)
+        await wait_for(lambda: upstream.refused >= 3, 30, "A's delivery attempts")
+        await b.ready()
+        assert await a.terminate() == 0
+        upstream.down = False
+        # well inside the 60 s visibility timeout: B took A's claim over because A said it was gone
+        await wait_for(lambda: len(upstream.got) >= 3, 30, f"B delivering A's claimed writes: {upstream.got}")
+        by_route = {}
+        for path, n, key in upstream.got:
+            by_route.setdefault(path, []).append((n, key))
+        assert by_route == dict(accepted)
+    finally:
+        for pod in (a, b):
+            pod.stop()
+        await upstream.stop()
