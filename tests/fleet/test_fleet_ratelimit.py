@@ -53,7 +53,7 @@ async def test_charge_debits_after_the_fact_for_usage_counted_limits(redis_url):
         await links.close()
 
 
-async def test_redis_down_falls_back_to_the_local_bucket_then_comes_back(redis_module, redis_url, monkeypatch):
+async def test_redis_down_falls_back_to_the_local_bucket_then_comes_back(redis_module, redis_url, caplog):
     clock = FakeClock()
     policy = RateLimitPolicy(per_second=SLOW, burst=2, store=redis_url)
     links = Links(clock)
@@ -61,14 +61,20 @@ async def test_redis_down_falls_back_to_the_local_bucket_then_comes_back(redis_m
     try:
         assert (await limiter.acquire("")).allowed and not (await limiter.acquire("")).decided_locally
         redis_module.stop()
-        down = [await asyncio.wait_for(limiter.acquire(""), 5) for _ in range(3)]
+        down = []
+        for _ in range(3):                             # each after its backoff: Redis is tried again
+            down.append(await asyncio.wait_for(limiter.acquire(""), 5))
+            clock.advance(link_module.BACKOFF_MAX)
         assert all(v.decided_locally for v in down)
+        warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.name == "sidecar.fleet"]
+        assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage()   # one warning, then quiet
         assert "global limit store" in down[0].local_reason
         # the local bucket followed the two Redis admissions... of which it saw both: it is empty now
         assert [v.allowed for v in down] == [False, False, False]
         redis_module.start()
         clock.advance(link_module.BACKOFF_MAX)         # past the backoff: the next call tries Redis again
         back = await limiter.acquire("")
+        assert any("is back" in r.getMessage() for r in caplog.records)
         assert back == ALLOW                           # Redis decided again (a restart without AOF: a full bucket)
     finally:
         await links.close()
