@@ -24,8 +24,8 @@ from sidecar.core.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("sidecar.fleet")
 
-OP_TIMEOUT = 0.5                           # seconds: any one call, connecting included
-CONNECT_TIMEOUT = 0.5
+OP_TIMEOUT = 0.5                           # seconds: any one call, connecting included (the default)
+CONNECT_TIMEOUT = 1.0                      # also bounded by the call's own timeout
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 5.0
 MAX_CONNECTIONS = 64                       # per URL; past it a call fails (and degrades) at once
@@ -51,8 +51,10 @@ class RedisLink:
         self.url = url
         self.where = where(url)
         self.clock = clock
+        # No socket timeout of redis-py's own: every call runs under `call`'s timeout, which a caller
+        # may lengthen (a write waiting to be stored) or shorten.
         self.client = aioredis.Redis.from_url(
-            url, socket_timeout=OP_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
+            url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT,
             max_connections=MAX_CONNECTIONS, decode_responses=False, retry_on_timeout=False,
             # A pooled connection that Redis closed (a restart) fails its next command once: one
             # immediate retry on a fresh connection, so a restart costs no failed call and no backoff.

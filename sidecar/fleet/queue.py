@@ -177,8 +177,11 @@ class SharedQueue:
         link = self.links.get(url)
         meta, body = encode(item)
         script = link.client.register_script(ADD)
+        # Tried even while the link backs off from an earlier failure: a write is worth one more try
+        # (a refused connection fails at once; a silent Redis costs `timeout`, within the route's).
         entry_id = await link.call("queue add", lambda: script(keys=[stream_key(item.route)],
-                                                               args=[max_items, meta, body]), timeout)
+                                                               args=[max_items, meta, body]), timeout,
+                                   despite_backoff=True)
         if entry_id is None:
             raise Full(item.route)
         return Stored(entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))

@@ -13,13 +13,17 @@ import logging
 from multidict import CIMultiDict
 
 from sidecar.core.decisions import Decision
-from sidecar.fleet.link import OP_TIMEOUT, RedisUnavailable
+from sidecar.fleet.link import RedisUnavailable
 from sidecar.fleet.queue import Full, SharedQueue, shared_routes
 from sidecar.pipeline.exchange import Exchange, Reply
 from sidecar.policy.model import Policy
 from sidecar.queue.queue import LISTING_LIMIT, DurableQueue, new_item, queued_reply
 
 log = logging.getLogger("sidecar.queue")
+
+# How long a write may wait for Redis to store it (within the route's timeout): longer than other Redis
+# calls, since the alternative is refusing a write the app will have to handle itself.
+ADD_TIMEOUT = 2.0
 
 
 def uses_state_dir(policy: Policy) -> bool:
@@ -58,7 +62,7 @@ class Queues:
         item = new_item(ex, self._runtime.clock.time(), policy.max_age)
         try:
             stored = await self.shared.add(policy.store, item, policy.max_items,
-                                           timeout=min(OP_TIMEOUT, max(ex.remaining(), 0.05)))
+                                           timeout=min(ADD_TIMEOUT, max(ex.remaining(), 0.05)))
         except Full:
             if route.name not in self._full:
                 self._full.add(route.name)
