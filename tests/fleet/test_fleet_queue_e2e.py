@@ -88,18 +88,20 @@ async def test_writes_accepted_by_a_dead_pod_are_delivered_by_the_others_exactly
     a, b, c = (Pod(tmp_path, name, policy) for name in "abc")
     try:
         if a_holds_a_claim:
-            await a.start().ready()                    # alone: A takes every route's lease...
-            b.start(), c.start()                       # ...and keeps it while B and C come up
+            await a.start().ready()                    # alone: A takes every route's lease
         else:
             b.start(), c.start()                       # B or C deliver; A only accepts
             await asyncio.gather(b.ready(), c.ready())
             await a.start().ready()
         accepted = await accept_writes(a, 9)
         if a_holds_a_claim:
-            # A has read the head of each route and keeps failing to send it (upstream down)
-            await wait_for(lambda: upstream.refused >= 4, 30, "A's delivery attempts")
-            status = await a.get_json("/status")
-            assert all(r["delivering_here"] for r in status["queue"]["by_route"].values()), status["queue"]
+            # A reads the head of each route and keeps failing to send it (upstream down); only then do
+            # B and C start, so the claims in the group's pending list are A's when it dies
+            async def a_holds_both() -> bool:
+                routes = (await a.get_json("/status"))["queue"]["by_route"].values()
+                return upstream.refused >= 4 and all(r["delivering_here"] for r in routes)
+            await wait_for(a_holds_both, 30, "A delivering both routes")
+            b.start(), c.start()
         await asyncio.gather(b.ready(), c.ready())
         await a.kill_pod()
         assert upstream.got == []
