@@ -414,12 +414,12 @@ class _Builder(Checker):
         if d is None:
             return None
         tokens = int(d["tokens_per_minute"]) if "tokens_per_minute" in d else None
-        fleet = {"store": d.get("store", "local"), "max_keys": int(d.get("max_keys", 10_000))}
+        key = d.get("key")
+        fleet = {"store": d.get("store", "local"), "max_keys": int(d.get("max_keys", 10_000)),
+                 "key": key[len("header:"):].lower() if key else None}
         if "per_second" not in d:
             return RateLimitPolicy(tokens_per_minute=tokens, **fleet)
         per_second = float(d["per_second"])
         # Without `burst`, a bucket holds one second's worth (at least one request).
         burst = int(d["burst"]) if "burst" in d else max(1, round(per_second))
-        key = d.get("key")
-        return RateLimitPolicy(per_second=per_second, burst=burst, tokens_per_minute=tokens,
-                               key=key[len("header:"):].lower() if key else None, **fleet)
+        return RateLimitPolicy(per_second=per_second, burst=burst, tokens_per_minute=tokens, **fleet)
