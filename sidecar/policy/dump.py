@@ -51,7 +51,8 @@ def _rate_limit(limit: RateLimitPolicy) -> dict:
     if limit.key is not None:
         out["key"] = f"header:{limit.key}"
         out["max_keys"] = limit.max_keys
-    out["store"] = limit.store
+    if limit.store != "local":
+        out["store"] = limit.store
     return out
 
 
