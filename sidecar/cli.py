@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
-        from sidecar.runtime import serve
+        from sidecar.app import serve
         return serve(_policy_path(args.config), workers=args.workers,
                      drain_timeout=args.drain_timeout, log_level=args.log_level)
     if args.command == "validate":

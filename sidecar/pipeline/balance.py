@@ -13,7 +13,7 @@ import asyncio
 from sidecar.core.decisions import Decision
 from sidecar.core.endpoints import EndpointEvent
 from sidecar.core.retry import parse_retry_after
-from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.transport.errors import UpstreamFailure
 
 
@@ -21,7 +21,7 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
     up = call.upstream
     if up is None or not up.balanced:
         return await next(ex, call)
-    runtime = ex.runtime
+    runtime = ex.ctx
     group = runtime.endpoints.get(up.name)
     if group is None:
         return await next(ex, call)

@@ -9,7 +9,8 @@ import asyncio
 
 from sidecar.core.decisions import Decision
 from sidecar.core.retry import method_retryable
-from sidecar.pipeline.exchange import Call, Exchange, Reply
+from sidecar.exchange.types import Call, Exchange, Reply
+from sidecar.policy.conditions import Outcome
 from sidecar.policy.model import RetryPolicy
 from sidecar.transport.errors import UpstreamFailure
 
@@ -62,7 +63,7 @@ async def race(ex: Exchange, first: asyncio.Task, start_next, delays: list[float
         return last_reply
     if last_exc is not None:
         raise last_exc
-    raise UpstreamFailure("timeout", "no answer before the route's timeout")
+    raise UpstreamFailure(Outcome.TIMEOUT, "no answer before the route's timeout")
 
 
 def _release_late(task: asyncio.Task) -> None:

@@ -38,6 +38,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
+from sidecar.exchange.replies import JSON, error_body
 from sidecar.telemetry.redact import redact
 
 log = logging.getLogger("sidecar.guard")
@@ -106,8 +107,7 @@ def fault_reason(exc: BaseException | None, status: int) -> str:
 
 
 def error_response(status: int, reason: str) -> web.Response:
-    body = json.dumps({"error": reason, "route": None, "decisions": []}).encode()
-    resp = web.Response(status=status, body=body, content_type="application/json")
+    resp = web.Response(status=status, body=error_body(reason), content_type=JSON)
     resp.force_close()
     return resp
 

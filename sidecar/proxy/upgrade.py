@@ -22,7 +22,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_writer import _serialize_headers   # aiohttp's C serializer; rejects CR/LF in headers
 from multidict import CIMultiDict
 
-from sidecar.proxy.headers import end_to_end
+from sidecar.exchange.headers import end_to_end
 from sidecar.proxy.relay import Relay
 from sidecar.proxy.takeover import app_released, app_tail, app_transport, upstream_takeover
 

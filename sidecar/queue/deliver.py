@@ -13,13 +13,13 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.core.retry import parse_retry_after
-from sidecar.pipeline.calls import host_header, upstream_url
-from sidecar.pipeline.send import MIN_READ_IDLE, redact_url
+from sidecar.exchange.calls import MIN_READ_IDLE, host_header, redact_url, upstream_url
+from sidecar.exchange.context import Context
+from sidecar.exchange.records import request_record
 from sidecar.policy.model import Policy, Route, Upstream
 from sidecar.queue.store import Item
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import format_traceparent, new_span_id, new_trace_id
-from sidecar.transport.egress import EGRESS_GUARD
 from sidecar.transport.errors import UpstreamFailure
 
 # 408 and 429 say "not now" rather than "never": the write is tried again. Any other 4xx is the
@@ -73,11 +73,10 @@ def build_request(policy: Policy, item: Item) -> Request | None:
     return Request(up, url, headers, hostname)
 
 
-async def attempt(runtime, item: Item, request: Request, route: Route | None,
+async def attempt(ctx: Context, item: Item, request: Request, route: Route | None,
                   resend_count: int) -> tuple[Outcome, RequestRecord]:
     """Send `item` once under `route`'s timeouts (None: the route left the policy). Never raises for
     an upstream failure: the outcome says what happened."""
-    gen = runtime.gen
     timeout = DEFAULT_TIMEOUT
     if route is not None:
         timeout = route.per_try_timeout if route.per_try_timeout is not None else route.timeout
@@ -85,26 +84,24 @@ async def attempt(runtime, item: Item, request: Request, route: Route | None,
     try_rec = TryRecord(span_id=new_span_id(), upstream=item.target, method=item.method,
                         url=redact_url(url), server_address=url.host or "", server_port=url.port or 0,
                         start_ns=time.time_ns(), resend_count=resend_count)
-    trace_id = item.trace_id or new_trace_id()
-    record = RequestRecord(
-        trace_id=trace_id, span_id=new_span_id(), parent_span_id=item.span_id,
-        caller_sampled=True, tracestate=None, route=item.route, upstream=item.target, method=item.method,
-        url=try_rec.url, listener="queue", policy_version=gen.policy.digest, start_ns=try_rec.start_ns,
-        attempts=1, tries=[try_rec], sampled=gen.head_sampler(trace_id, item.span_id, True))
+    record = request_record(ctx, route=item.route, listener="queue", method=item.method, url=try_rec.url,
+                            parent=(item.trace_id or new_trace_id(), item.span_id, True),
+                            upstream=item.target, tries=[try_rec], start_ns=try_rec.start_ns)
+    record.attempts = 1
     headers = request.headers
     headers["traceparent"] = format_traceparent(record.trace_id, try_rec.span_id, record.sampled)
-    clock = runtime.clock
+    clock = ctx.clock
     started = clock.monotonic()
     # A write to its original destination keeps the egress guard it had when accepted (a name that
     # resolves to metadata or to the sidecar must not get through later, from the queue).
-    guard = EGRESS_GUARD.set(frozenset(gen.own_ports)) if request.upstream is None and not (
+    guard = ctx.own_ports if request.upstream is None and not (
         route is not None and route.allow_internal) else None
     try:
-        resp = await runtime.transport.send(
+        resp = await ctx.transport.send(
             request.upstream, item.method, url, headers, item.body, timeout=timeout,
-            read_idle=max(timeout, MIN_READ_IDLE), server_hostname=request.server_hostname)
+            read_idle=max(timeout, MIN_READ_IDLE), server_hostname=request.server_hostname, guard=guard)
     except UpstreamFailure as failure:
-        try_rec.error_type = record.error_type = failure.kind
+        try_rec.error_type = record.error_type = failure.kind.value
         outcome = Outcome(False, None, failure.kind, elapsed=clock.monotonic() - started)
     else:
         status = resp.status
@@ -118,9 +115,6 @@ async def attempt(runtime, item: Item, request: Request, route: Route | None,
         done = finished(status)
         outcome = Outcome(done, status, None if done else str(status), retry_after,
                           clock.monotonic() - started)
-    finally:
-        if guard is not None:
-            EGRESS_GUARD.reset(guard)
     try_rec.end_ns = record.end_ns = time.time_ns()
     return outcome, record
 

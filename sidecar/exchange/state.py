@@ -4,6 +4,8 @@ Upstream health (from active checks) is per upstream and shared by every route."
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.core.breaker import CircuitBreaker
 from sidecar.core.budget import RetryBudget
@@ -13,9 +15,23 @@ from sidecar.core.ratelimit import TokenBucket
 from sidecar.core.tokenwindow import TokenWindow
 from sidecar.policy.model import BreakerPolicy, Route
 
+if TYPE_CHECKING:
+    from sidecar.exchange.types import Call, Exchange, Reply
+
 # Passthrough routes get a breaker per original destination: bounded so that a scan of many hosts
 # cannot grow memory without limit (least recently used are forgotten).
 MAX_BREAKERS_PER_ROUTE = 1024
+
+
+class RouteCache(Protocol):
+    """A route's response cache (sidecar/cache/route.py), as the layers and the runtime use it."""
+    def handle(self, ex: Exchange, call: Call,
+               next: Callable[[Exchange, Call], Awaitable[Reply]]) -> Awaitable[Reply]: ...
+    def stale_reply(self, ex: Exchange) -> Awaitable[Reply | None]: ...
+    def retire(self) -> None: ...
+    def close(self) -> Awaitable[None]: ...
+    def stats(self) -> dict[str, Any]: ...
+    def entries(self) -> int: ...
 
 
 class RouteState:
@@ -28,11 +44,11 @@ class RouteState:
         self.clock = clock
         self.breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
         self.route = route
-        self.budget = None
-        self.concurrency = None
-        self.bucket = None
-        self.tokens = None                   # rate_limit.tokens_per_minute: a TokenWindow
-        self.cache = None                    # set by the cache layer for routes with `cache:`
+        self.budget: RetryBudget | None = None
+        self.concurrency: ConcurrencyLimit | None = None
+        self.bucket: TokenBucket | None = None
+        self.tokens: TokenWindow | None = None   # rate_limit.tokens_per_minute
+        self.cache: RouteCache | None = None   # set by the cache layer for routes with `cache:`
         self.apply(route)
 
     def apply(self, route: Route) -> None:
