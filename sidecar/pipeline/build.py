@@ -15,7 +15,7 @@ from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.pipeline.fallback import fallback_layer
 from sidecar.pipeline.guards import concurrency_layer, fault_layer, rate_limit_layer
 from sidecar.pipeline.hedge import hedge_layer
-from sidecar.pipeline.retry import retry_layer
+from sidecar.pipeline.retry import retries, retry_layer
 from sidecar.pipeline.send import send
 from sidecar.policy.model import Route
 
@@ -36,7 +36,7 @@ def layers_for(route: Route, balanced: bool = False, upgrade: bool = False) -> l
         stack.append(concurrency_layer)      # over the limit: concurrency_full at once, no queueing
     if route.fault is not None:
         stack.append(fault_layer)            # rehearsed outages: delay or abort before the upstream
-    if route.retry is not None and route.retry.max_retries > 0:
+    if retries(route):
         stack.append(retry_layer)            # tries again under the budget, with backoff
     if route.hedge is not None and not upgrade:
         stack.append(hedge_layer)            # a slow try races another

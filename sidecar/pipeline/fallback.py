@@ -23,6 +23,7 @@ from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.calls import rewritten_call
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.pipeline.hedge import may_send_twice, race
+from sidecar.pipeline.retry import retries_exhausted
 from sidecar.pipeline.send import send
 from sidecar.pipeline.translate import call_translated
 from sidecar.policy.conditions import TRANSPORT_FAILURES, Conditions, Outcome
@@ -65,10 +66,11 @@ class Failure:
             return bool(when.json)
         if self.outcome is not None and when.has(self.outcome):
             return True
-        if ex.retries_exhausted and when.has(Outcome.RETRIES_EXHAUSTED):
-            return True
-        if self.outcome in TRANSPORT_FAILURES and when.has(Outcome.RETRIES_EXHAUSTED):
-            return True                      # a failed try that no retry followed
+        if when.has(Outcome.RETRIES_EXHAUSTED):
+            if self.reply is not None and retries_exhausted(ex, self.status):
+                return True                  # a failed answer that no retry followed
+            if ex.retries_exhausted or self.outcome in TRANSPORT_FAILURES:
+                return True                  # a failed try that no retry followed
         return when.matches_status(self.status) and self.outcome is not Outcome.RATE_LIMITED
 
     def raise_(self) -> None:
@@ -137,7 +139,7 @@ async def _reply_failure(ex: Exchange, reply: Reply) -> Failure | None:
     if not conditions:
         return None
     if reply.status >= 400 and any(c.matches_status(reply.status) for c in conditions) \
-            or (ex.retries_exhausted and any(c.has(Outcome.RETRIES_EXHAUSTED) for c in conditions)):
+            or (any(c.has(Outcome.RETRIES_EXHAUSTED) for c in conditions) and retries_exhausted(ex, reply.status)):
         return Failure(None, reply.status, f"{reply.status} from {reply.upstream}", reply=reply)
     if fb is not None and fb.when.json and reply.status < 300:
         await _buffer_small(ex, reply)

@@ -11,15 +11,12 @@ from sidecar.core.decisions import Decision
 from sidecar.core.retry import method_retryable
 from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.policy.conditions import Outcome
-from sidecar.policy.model import RetryPolicy
+from sidecar.pipeline.retry import DEFAULT_RETRY
 from sidecar.transport.errors import UpstreamFailure
-
-_DEFAULT_RETRY = RetryPolicy()
-
 
 def may_send_twice(ex: Exchange, call: Call) -> bool:
     return call.body.replayable and method_retryable(
-        ex.route.retry or _DEFAULT_RETRY, call.method, "idempotency-key" in ex.headers)
+        ex.route.retry or DEFAULT_RETRY, call.method, "idempotency-key" in ex.headers)
 
 
 async def race(ex: Exchange, first: asyncio.Task, start_next, delays: list[float], label: str) -> Reply:

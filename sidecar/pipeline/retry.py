@@ -10,7 +10,28 @@ from sidecar.core.decisions import Decision
 from sidecar.core.retry import Backoff, method_retryable, outcome_retryable, parse_retry_after
 from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.policy.conditions import Outcome
+from sidecar.policy.model import RetryPolicy, Route
 from sidecar.transport.errors import UpstreamFailure
+
+# What counts as a failed try on a route with no `retry` block: the block's defaults.
+DEFAULT_RETRY = RetryPolicy()
+
+
+def retries(route: Route) -> bool:
+    """Does the route retry at all (is the retry layer in its stack)?"""
+    return route.retry is not None and route.retry.max_retries > 0
+
+
+def retries_exhausted(ex: Exchange, status: int) -> bool:
+    """`retries-exhausted` for an answer with `status`: the primary's last try failed, as the route's
+    `retry.when` counts failures, and no retry followed it. A route that retries decides it in the
+    retry layer (every retry spent, or none allowed: method, body, budget, deadline); one that does
+    not (no `retry`, `max_retries: 0`) has had its one try, so a failed answer meets it at once."""
+    if ex.retries_exhausted:
+        return True
+    if retries(ex.route):
+        return False
+    return outcome_retryable(ex.route.retry or DEFAULT_RETRY, status=status)
 
 
 async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
