@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         return 1 if problems else 0
     if args.command == "explain":
-        from sidecar.policy.explain import explain_command
+        from sidecar.explain import explain_command
         return explain_command(_policy_path(args.config), args.method, args.url, args.header)
     if args.command == "inject":
         from sidecar.inject import inject_command

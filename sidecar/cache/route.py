@@ -153,7 +153,8 @@ class RouteCache:
             self.counts["bypass"] += 1       # too large to hash: streamed through, never cached
             return self._mark(ex, await next(ex, call), "bypass", detail="body-too-large")
         key_method = "GET" if ex.method == "HEAD" else ex.method
-        key = key_digest(self.namespace, build_key(policy.key, key_method, ex.url, ex.headers, ex.body.data))
+        key = key_digest(self.namespace, build_key(policy.key, key_method, ex.url, ex.headers, ex.body.data,
+                                                   call.upstream.name if call.upstream is not None else None))
         ex.cache_key = key
         if not ex.enforce:
             return await self._shadow(ex, call, next, key)

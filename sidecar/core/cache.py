@@ -294,18 +294,20 @@ def etag_matches(entry: CacheEntry, if_none_match: str) -> bool:
 
 # -- keys ----------------------------------------------------------------------------------------------
 
-def build_key(parts: Iterable[str], method: str, url, headers: Mapping[str, str], body: bytes | None) -> str:
+def build_key(parts: Iterable[str], method: str, url, headers: Mapping[str, str], body: bytes | None,
+              upstream: str | None = None) -> str:
     """The canonical key text for `cache.key` (`method`, `url`, `body`, `header:NAME`).
 
     The query is sorted, so `?b=2&a=1` and `?a=1&b=2` share an entry; the body is a sha256, so a key
     stays small. One line per part: URLs and header values cannot hold a newline, so keys never clash.
+    `url` is the upstream's view (`canonical_url`): `upstream` names the upstream the request goes to.
     """
     lines = []
     for part in parts:
         if part == "method":
             lines.append("method=" + method.upper())
         elif part == "url":
-            lines.append("url=" + canonical_url(url))
+            lines.append("url=" + canonical_url(url, upstream))
         elif part == "body":
             lines.append("body=sha256:" + hashlib.sha256(body or b"").hexdigest())
         elif part.startswith("header:"):
@@ -316,10 +318,16 @@ def build_key(parts: Iterable[str], method: str, url, headers: Mapping[str, str]
     return "\n".join(lines)
 
 
-def canonical_url(url) -> str:
-    """scheme://host:port/path?sorted-query (a yarl URL); the fragment never reaches a server."""
+def canonical_url(url, upstream: str | None = None) -> str:
+    """The URL a cache key holds: the upstream's view of the request, as nginx keys on
+    `$proxy_host$request_uri`. To a named upstream: `upstream://NAME/path?sorted-query`, whatever host
+    or listener the app addressed (a warmed entry is found by the requests it is meant for); to the
+    original destination: `scheme://host:port/path?sorted-query`. The fragment never reaches a server."""
     query = "&".join(sorted(p for p in url.raw_query_string.split("&") if p))
-    base = f"{url.scheme}://{url.raw_host}:{url.port}{url.raw_path or '/'}"
+    if upstream is not None:
+        base = f"upstream://{upstream}{url.raw_path or '/'}"
+    else:
+        base = f"{url.scheme}://{url.raw_host}:{url.port}{url.raw_path or '/'}"
     return f"{base}?{query}" if query else base
 
 
