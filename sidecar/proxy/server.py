@@ -19,6 +19,7 @@ from aiohttp.http import HttpVersion11
 from yarl import URL
 
 from sidecar.core.decisions import Decision
+from sidecar.aiohttp_private import new_response
 from sidecar.core.grpc import parse_timeout
 from sidecar.exchange.body import read_body
 from sidecar.exchange.calls import make_call, redact_url
@@ -264,22 +265,13 @@ def _origin_form(raw: str) -> str:
 _H2_DONE = web.StreamResponse()             # what `serve` returns for an HTTP/2 stream (unused)
 
 
-class _CoalescedResponse(web.StreamResponse):
-    """Headers leave with the first body bytes in one send(), as aiohttp's own `web.Response` does,
-    instead of in a write of their own: one syscall less per answer. Used only when the length is
-    known, so a stream of unknown length (SSE, chunked) still shows its headers at once."""
-    _send_headers_immediately = False
-
-
 async def _send_reply(request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
     if not isinstance(request, web.BaseRequest):     # an HTTP/2 stream writes its own frames
         await request.send_reply(reply)
         return _H2_DONE
     known_length = reply.body is not None or "content-length" in reply.headers
-    # The reply's headers are ours alone by now: handed over, not copied (aiohttp's own Response
-    # does the same with this parameter).
-    resp = (_CoalescedResponse if known_length else web.StreamResponse)(status=reply.status,
-                                                                        _real_headers=reply.headers)
+    # The reply's headers are ours alone by now: handed over, not copied.
+    resp = new_response(reply.status, reply.headers, coalesce=known_length)
     if reply.body is not None:
         resp.content_length = len(reply.body)
         await resp.prepare(request)

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from typing import AsyncIterable, Iterable
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.http import StreamWriter
-from aiohttp.http_writer import _serialize_headers   # aiohttp's C serializer; rejects CR/LF in headers
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.aiohttp_private import ResponseHandler, StreamWriter, serialize_headers
 from sidecar.policy.model import Upstream
 from sidecar.transport.egress import GuardedResolver
 from sidecar.transport.errors import UpstreamFailure, translate
@@ -305,10 +303,10 @@ def _head(method: str, url: URL, headers: CIMultiDict, body, streamed: bool) -> 
     elif streamed:
         if "content-length" not in headers:
             headers["Transfer-Encoding"] = "chunked"
-            return _serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), True
+            return serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), True
     elif "content-length" not in headers:
         headers["Content-Length"] = str(len(body))
-    return _serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), False
+    return serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), False
 
 
 async def _exchange(pool: Pool, origin: Origin, proto: ResponseHandler, method: str, head: bytes,
