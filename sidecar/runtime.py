@@ -62,8 +62,10 @@ class Runtime:
                                  rng=rng or random.Random(), sleep=sleep, health=self.health, queue=queue,
                                  relays=self.relays, endpoints=self.endpoints,
                                  **({"head_sampler": head_sampler} if head_sampler is not None else {}))
-        self.gen: Context = build_generation(policy, self.services, self.registry, self.current,
-                                             interceptors=self._interceptors_for(policy))
+        gen, binding = build_generation(policy, self.services, self.registry, self.current,
+                                        interceptors=self._interceptors_for(policy))
+        binding.commit()
+        self.gen: Context = gen
         install_log_redaction(self)          # every log record, aiohttp's too, scrubbed of secrets
         self.started_at = time.time()
         self.last_reload_error: str | None = None
@@ -197,13 +199,14 @@ class Runtime:
                 return True, None
             opened = await self._bind_new_listeners(policy)
             try:
-                gen = build_generation(policy, self.services, self.registry, self.current,
-                                       interceptors=self._interceptors_for(policy))
+                gen, binding = build_generation(policy, self.services, self.registry, self.current,
+                                                interceptors=self._interceptors_for(policy))
             except Exception as exc:  # noqa: BLE001 - a bug, but the old policy must keep serving
                 self._close_bound(opened)
                 log.exception("building policy %s failed", policy.digest)
                 raise PolicyError([Problem(path, 1, 1, f"policy could not be applied: {exc!r}")]) from exc
             self._commit_listeners(policy, opened)
+            binding.commit()                 # live state moves over in the same loop step as the swap
             self.gen = gen
             self.endpoints.sync(policy.upstreams)   # sets kept by upstream name, endpoints by address
             await self.transport.retain(policy.upstreams, self.endpoints.targets())

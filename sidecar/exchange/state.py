@@ -97,27 +97,54 @@ class RouteState:
         return br
 
 
+StateKey = tuple[str, "str | None"]          # (route name, upstream): state survives while both stay
+
+
+class Binding:
+    """The route states a new policy will run with, prepared without touching live state (Envoy's
+    snapshot, built aside): a route whose name and upstream are unchanged keeps its live `RouteState`,
+    which takes the new policy only at `commit()`; a new route gets a fresh one, live at `commit()`.
+    Dropped (`discard()` or never committed), it leaves everything as it was."""
+
+    def __init__(self, registry: StateRegistry, routes: list[Route]) -> None:
+        self._registry = registry
+        self._fresh: dict[StateKey, RouteState] = {}
+        self._updates: list[tuple[RouteState, Route]] = []
+        self.states: dict[str, RouteState] = {}
+        for route in routes:
+            key = (route.name, route.upstream)
+            state = registry._states.get(key)
+            if state is None:
+                state = RouteState(route, registry.clock)   # not yet reachable from a live generation
+            else:
+                self._updates.append((state, route))
+            self._fresh[key] = state
+            self.states[route.name] = state
+        self._on_commit: list[Callable[[], None]] = []
+
+    def on_commit(self, step: Callable[[], None]) -> None:
+        """Run `step` at commit (after the states took the new policy): cache swaps, warm loops."""
+        self._on_commit.append(step)
+
+    def commit(self) -> None:
+        """Synchronous: the states change in one step of the event loop, with the generation swap."""
+        for state, route in self._updates:
+            state.apply(route)
+        self._registry._states = self._fresh
+        for step in self._on_commit:
+            step()
+
+
 class StateRegistry:
     """Finds the live state for each route of a newly loaded policy."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self._states: dict[tuple[str, str | None], RouteState] = {}
+        self._states: dict[StateKey, RouteState] = {}
 
-    def bind(self, routes: list[Route]) -> dict[str, RouteState]:
-        fresh: dict[tuple[str, str | None], RouteState] = {}
-        out: dict[str, RouteState] = {}
-        for route in routes:
-            key = (route.name, route.upstream)
-            state = self._states.get(key)
-            if state is None:
-                state = RouteState(route, self.clock)
-            else:
-                state.apply(route)
-            fresh[key] = state
-            out[route.name] = state
-        self._states = fresh
-        return out
+    def prepare(self, routes: list[Route]) -> Binding:
+        """The states for `routes`, to be made live by `Binding.commit()`; nothing changes before."""
+        return Binding(self, routes)
 
     def all(self) -> list[RouteState]:
         return list(self._states.values())

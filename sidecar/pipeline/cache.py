@@ -22,13 +22,16 @@ from collections.abc import Callable
 
 from sidecar.cache.route import RouteCache
 from sidecar.exchange.context import Context
-from sidecar.exchange.state import RouteState
+from sidecar.exchange.state import Binding, RouteState
 from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.policy.model import Route
 
 
-def attach_cache(state: RouteState, route: Route, current: Callable[[], Context] | None = None) -> None:
-    """Bind a RouteCache to the route's state; entries survive a reload that keeps `store` and `key`.
+def attach_cache(binding: Binding, state: RouteState, route: Route,
+                 current: Callable[[], Context] | None = None) -> None:
+    """Bind a RouteCache to the route's state when `binding` commits; entries survive a reload that
+    keeps `store` and `key`. Nothing live changes before the commit: a new cache is built aside, the
+    old one is retired (and warm loops restarted) only by the commit.
 
     With `current` (the running generation, read on each round), the route's `cache.warm` paths are
     fetched too.
@@ -37,16 +40,24 @@ def attach_cache(state: RouteState, route: Route, current: Callable[[], Context]
     assert policy is not None
     cache = state.cache
     if isinstance(cache, RouteCache) and cache.policy.store == policy.store and cache.policy.key == policy.key:
-        warm_changed = cache.policy.warm != policy.warm
-        cache.update(policy)
-        if current is not None and (warm_changed or not cache.warming):
-            cache.start_warming(current)
+        kept = cache
+        warm_changed = kept.policy.warm != policy.warm
+
+        def keep() -> None:
+            kept.update(policy)
+            if current is not None and (warm_changed or not kept.warming):
+                kept.start_warming(current)
+        binding.on_commit(keep)
         return
-    if cache is not None:
-        cache.retire()
-    fresh = state.cache = RouteCache(route.name, policy, state.clock)
-    if current is not None:
-        fresh.start_warming(current)
+    fresh = RouteCache(route.name, policy, state.clock)
+
+    def swap() -> None:
+        if state.cache is not None:
+            state.cache.retire()
+        state.cache = fresh
+        if current is not None:
+            fresh.start_warming(current)
+    binding.on_commit(swap)
 
 
 async def cache_layer(ex: Exchange, call: Call, next) -> Reply:
