@@ -39,7 +39,7 @@ def explain_command(policy_path: str, method: str, url: str, header_strings: lis
     try:
         headers = parse_headers(header_strings)
         parts = urlsplit(url)
-        parts.port                                  # raises ValueError for a bad port
+        parts.port                                  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
         print(f"sidecar explain: {exc}", file=sys.stderr)
         return 1

@@ -233,7 +233,7 @@ class CircuitBreaker:
             return None
         return self._opened_at + self._open_for
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, object]:
         """Plain data for /status."""
         calls, failures, slow = self._window.totals()
         until = self.open_until()

@@ -37,7 +37,7 @@ def path_qs_of(url: URL) -> str:
     return url.raw_path_qs or "/"
 
 
-def make_call(ex: Exchange, upstream: Upstream | None, *, headers: CIMultiDict | None = None,
+def make_call(ex: Exchange, upstream: Upstream | None, *, headers: CIMultiDict[str] | None = None,
               path_qs: str | None = None, body: RequestBody | None = None,
               fallback_target: str | None = None) -> Call:
     headers = CIMultiDict(ex.headers) if headers is None else headers

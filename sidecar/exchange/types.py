@@ -52,7 +52,7 @@ class Call:
     name: str                              # upstream name, or host:port of the original destination
     method: str
     url: URL
-    headers: CIMultiDict
+    headers: CIMultiDict[str]
     body: "RequestBody"
     server_hostname: str | None = None
     fallback_target: str | None = None     # label of the fallback target, for traces
@@ -66,7 +66,7 @@ class Call:
 @dataclass(slots=True)
 class Reply:
     status: int
-    headers: CIMultiDict
+    headers: CIMultiDict[str]
     upstream: str                          # who answered: an upstream name, "cache", "static", "queue"
     body: bytes | None = None
     stream: AsyncIterator[bytes] | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from sidecar.policy.conditions import Conditions, Outcome
 
@@ -379,7 +379,7 @@ class Policy:
     state_dir: str
     source: str                            # the file it came from
     digest: str                            # short content hash: the policy version on spans and /status
-    redacted: dict                         # the effective policy as plain data, secrets replaced, for /config
+    redacted: dict[str, Any]               # the effective policy as plain data, secrets replaced, for /config
     secrets: tuple[str, ...] = ()          # every expanded ${VAR} value, for log/trace scrubbing
     llm: LlmPolicy = LlmPolicy()
 
