@@ -25,7 +25,7 @@ from sidecar.pipeline.generation import build_generation
 from sidecar.policy.errors import PolicyError, Problem
 from sidecar.policy.load import load_policy
 from sidecar.policy.model import Listener, Policy
-from sidecar.proxy.guard import GuardedServer
+from sidecar.proxy.guard import SERVER_LIMITS, GuardedServer
 from sidecar.proxy.h2server import drain as drain_h2
 from sidecar.proxy.h2server import install as install_h2
 from sidecar.proxy.relay import Relays
@@ -38,8 +38,6 @@ from sidecar.transport.endpoints import EndpointRegistry
 
 log = logging.getLogger("sidecar")
 
-# aiohttp's request parser limits (RFC 9110 gives none; nginx's defaults are 8 KiB lines).
-SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
 
 
 class Runtime:

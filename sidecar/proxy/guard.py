@@ -48,6 +48,8 @@ from sidecar.telemetry.redact import redact
 
 log = logging.getLogger("sidecar.guard")
 
+# aiohttp's request parser limits (RFC 9110 gives none; nginx's defaults are 8 KiB lines).
+SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 75.0
 MAX_HEADER_BYTES = 64 * 1024
