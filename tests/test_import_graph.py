@@ -14,13 +14,12 @@ import sidecar
 ROOT = Path(sidecar.__file__).parent
 
 # What each bottom package may import (besides itself): the layering the data plane is built on.
-#   policy, llm <- core <- telemetry <- exchange <- transport <- cache, queue <- pipeline <- proxy <- runtime <- app
+#   policy <- core <- telemetry <- exchange, llm <- transport <- cache, queue <- pipeline <- proxy <- runtime <- app
 ALLOWED_BELOW = {
     "sidecar.policy": set(),
-    "sidecar.llm": set(),                  # LLM request/answer shapes: pure parsing
     "sidecar.core": {"sidecar.policy"},
-    "sidecar.telemetry": {"sidecar.policy", "sidecar.core", "sidecar.llm"},
-    "sidecar.exchange": {"sidecar.policy", "sidecar.core", "sidecar.telemetry", "sidecar.llm"},
+    "sidecar.telemetry": {"sidecar.policy", "sidecar.core"},
+    "sidecar.exchange": {"sidecar.policy", "sidecar.core", "sidecar.telemetry"},
 }
 
 
