@@ -81,7 +81,7 @@ class Reply:
     upgraded: object | None = None
     # HTTP/2 trailers (gRPC's status): known with the body when it was read whole, else set by the
     # stream when it ends. An HTTP/1.1 listener does not send them (see README, HTTP/2 and gRPC).
-    trailers: CIMultiDict | None = None
+    trailers: CIMultiDict[str] | None = None
 
     def release(self) -> None:
         """Discard this reply without sending it (a retried or losing answer): free its connection."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sidecar.core.breaker import Transition, transition_decision
 from sidecar.core.decisions import Decision
-from sidecar.core.grpc import SERVER_FAULTS
+from sidecar.grpc_rules import SERVER_FAULTS
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.pipeline.grpc import reply_code
 from sidecar.policy.conditions import Outcome

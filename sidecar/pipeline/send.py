@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 from multidict import CIMultiDict
 
-from sidecar.core.grpc import format_timeout, is_grpc
+from sidecar.grpc_rules import format_timeout, is_grpc
 from sidecar.exchange.calls import MIN_READ_IDLE, redact_url
 from sidecar.exchange.headers import end_to_end
 from sidecar.exchange.types import Call, Exchange, Reply

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields, replace
 from urllib.parse import urlsplit
 
-from sidecar.core.grpc import encode_message
+from sidecar.grpc_rules import encode_message
 from sidecar.policy import yaml12
 from sidecar.policy.checks import Checker, Path
 from sidecar.policy.conditions import Conditions, parse_when

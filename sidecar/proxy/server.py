@@ -20,7 +20,7 @@ from yarl import URL
 
 from sidecar.core.decisions import Decision
 from sidecar.aiohttp_private import new_response
-from sidecar.core.grpc import parse_timeout
+from sidecar.grpc_rules import parse_timeout
 from sidecar.exchange.body import read_body
 from sidecar.exchange.calls import make_call, redact_url
 from sidecar.exchange.context import Context
