@@ -109,13 +109,20 @@ def _llm_shape(ex: Exchange, call: Call) -> LlmCall | None:
 
 
 async def _scanned(stream: AsyncIterator[bytes], scanner: AnswerScanner) -> AsyncIterator[bytes]:
-    """The stream unchanged; each chunk is read by the scanner after it has been handed on."""
+    """The stream unchanged; each chunk is read by the scanner after it has been handed on. A consumer
+    that stops after the last chunk (closing this generator at its `yield`) still has it read."""
+    pending: bytes | None = None
+    at = 0
     try:
         async for chunk in stream:
             at = time.time_ns()
+            pending = chunk
             yield chunk
+            pending = None
             scanner.feed(chunk, at)
     finally:
+        if pending is not None:
+            scanner.feed(pending, at)
         scanner.close()
 
 
