@@ -16,10 +16,10 @@ ROOT = Path(sidecar.__file__).parent
 # What each bottom package may import (besides itself): the layering the data plane is built on.
 #   policy <- core <- telemetry <- exchange, llm <- transport <- cache, queue <- pipeline <- proxy <- runtime <- app
 ALLOWED_BELOW = {
-    "sidecar.policy": set(),
-    "sidecar.core": {"sidecar.policy"},
-    "sidecar.telemetry": {"sidecar.policy", "sidecar.core"},
-    "sidecar.exchange": {"sidecar.policy", "sidecar.core", "sidecar.telemetry"},
+    "sidecar.policy": {"sidecar.grpc_rules"},          # grpc_rules: a leaf of pure gRPC codes and rules
+    "sidecar.core": {"sidecar.policy", "sidecar.grpc_rules"},
+    "sidecar.telemetry": {"sidecar.policy", "sidecar.core", "sidecar.grpc_rules"},
+    "sidecar.exchange": {"sidecar.policy", "sidecar.core", "sidecar.telemetry", "sidecar.grpc_rules"},
 }
 
 
