@@ -4,13 +4,24 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test system-deps bench bench-quick bench-grpc soak soak-fleet clean
+.PHONY: demo test lint lock system-deps bench bench-quick bench-grpc soak soak-fleet clean
 
-$(STAMP): pyproject.toml
+# Installs are pinned by constraints.txt (every dependency, transitive ones included, at one version), so
+# CI and every checkout run the same packages. After changing dependencies in pyproject.toml: `make lock`.
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# Re-resolve every dependency (newest versions pyproject.toml allows) in a scratch venv and pin them.
+lock:
+	rm -rf .lock-venv
+	$(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q -e '.[test,bench]'
+	.lock-venv/bin/pip freeze --exclude-editable | sort -f > constraints.txt
+	rm -rf .lock-venv
 
 demo: $(STAMP)
 	$(BIN)/sidecar demo
@@ -18,19 +29,24 @@ demo: $(STAMP)
 system-deps:
 	bash scripts/system-deps.sh
 
-test: $(STAMP) system-deps
+# ruff and mypy (rules and scope in pyproject.toml); `make test` runs it first, so CI fails on either.
+lint: $(STAMP)
+	$(BIN)/ruff check sidecar tests bench
+	$(BIN)/mypy
+
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q
 
 # Benchmarks: nginx, HAProxy and wrk come from Debian (bench/install.sh); the system under test is pinned
 # to CPU 1, the load generator and upstream to CPU 0. Results: bench/results/*.md and *.png.
 bench: $(STAMP)
 	sh bench/install.sh
-	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench --full
 
 bench-quick: $(STAMP)
 	sh bench/install.sh
-	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench --quick
 
 # Unary gRPC calls direct vs through the sidecar (grpcio client and server): bench/results/grpc.md

@@ -13,10 +13,11 @@ from aiohttp import web
 
 from sidecar.admin.app import admin_app, health_app
 from sidecar.admin.events import EventHub
-from sidecar.policy.errors import CertError
+from sidecar.policy.errors import CertError, PolicyError
+from sidecar.policy.load import load_policy
 from sidecar.policy.model import Policy
 from sidecar.proxy.guard import GuardedAppRunner
-from sidecar.queue import QueueError, open_queues
+from sidecar.queue import QueueError, open_queues, uses_state_dir
 from sidecar.runtime import Runtime
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.signals import Signals
@@ -32,6 +33,7 @@ class Sidecar:
     metrics: Metrics
     hub: EventHub
     signals: Signals
+    otel: OtelSink | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -41,6 +43,8 @@ class Sidecar:
         for task in self.tasks:
             task.cancel()
         await self.runtime.close()
+        if self.otel is not None:
+            self.otel.shutdown()             # flushes the last spans
         for runner in self.runners:
             await runner.cleanup()
 
@@ -65,11 +69,12 @@ async def start(policy: Policy, *, reuse_port: bool = False, admin: bool = True,
     if otel is not None:
         sinks.append(otel)
     queue = await open_queues(policy)        # store-and-forward: None unless a route has `queue:`
-    runtime = Runtime(policy, sinks=sinks, queue=queue, **runtime_kwargs)
+    runtime = Runtime(policy, sinks=sinks, queue=queue, head_sampler=otel.samples if otel else None,
+                      **runtime_kwargs)
     holder.append(runtime)
     if queue is not None:
         queue.start(runtime)                 # writes left from before a restart start going out now
-    sidecar = Sidecar(runtime, metrics, hub, signals)
+    sidecar = Sidecar(runtime, metrics, hub, signals, otel)
     await runtime.start_listeners(reuse_port=reuse_port)
     if admin:
         sidecar.runners.append(await _serve(admin_app(runtime, metrics, hub, signals), policy.admin.bind, policy.admin.port))
@@ -130,7 +135,7 @@ def run_forever(policy: Policy, *, workers: int = 1, drain_timeout: float = 20.0
         pass
     if workers <= 1:
         return asyncio.run(_main(policy, drain_timeout))
-    if any(route.queue is not None and route.queue.store == "state_dir" for route in policy.routes):
+    if uses_state_dir(policy):
         log.error("--workers > 1 is not supported with state_dir store-and-forward queues (one delivery loop "
                   "per state_dir); `queue: {store: redis://...}` works with any number")
         return 1
@@ -196,3 +201,15 @@ async def _main(policy: Policy, drain_timeout: float, *, reuse_port: bool = Fals
     await sidecar.stop(drain_timeout=drain_timeout)
     log.info("drained; bye")
     return 0
+
+
+def serve(policy_path: str, *, workers: int = 1, drain_timeout: float = 20.0, log_level: str = "info") -> int:
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, flush=True)
+        return 1
+    return run_forever(policy, workers=workers, drain_timeout=drain_timeout)

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
-        from sidecar.runtime import serve
+        from sidecar.app import serve
         return serve(_policy_path(args.config), workers=args.workers,
                      drain_timeout=args.drain_timeout, log_level=args.log_level)
     if args.command == "validate":
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         return 1 if problems else 0
     if args.command == "explain":
-        from sidecar.policy.explain import explain_command
+        from sidecar.explain import explain_command
         return explain_command(_policy_path(args.config), args.method, args.url, args.header)
     if args.command == "inject":
         from sidecar.inject import inject_command

@@ -1,8 +1,9 @@
 """The running sidecar: the current policy generation, listeners, admin API, reloads and drain.
 
-A `Generation` is everything built from one policy load (router, route stacks, route state bindings)
-plus the long-lived services (transport, telemetry, clock). Requests hold the generation they started
-with, so a reload never changes a request mid-flight; the swap itself is one attribute assignment.
+A generation (`exchange.context.Context`) is everything built from one policy load (router, route
+stacks, route state bindings) plus the long-lived services (transport, telemetry, clock). Requests hold
+the generation they started with, so a reload never changes a request mid-flight; the swap itself is
+one attribute assignment.
 """
 from __future__ import annotations
 
@@ -18,88 +19,54 @@ from aiohttp import web
 from sidecar.core.clock import SYSTEM_CLOCK, Clock
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.health import HealthState
+from sidecar.exchange.context import Context, HeadSampler, Services, Sleep, WriteQueue
+from sidecar.exchange.state import StateRegistry
 from sidecar.fleet.link import Links
-from sidecar.pipeline.build import build
-from sidecar.pipeline.cache import attach_cache
-from sidecar.pipeline.state import StateRegistry
+from sidecar.fleet.ratelimit import limiter_factory
+from sidecar.pipeline.generation import build_generation
 from sidecar.policy.errors import PolicyError, Problem
 from sidecar.policy.load import load_policy
-from sidecar.policy.match import Router
 from sidecar.policy.model import Listener, Policy
-from sidecar.proxy.guard import GuardedServer
+from sidecar.proxy.guard import SERVER_LIMITS, GuardedServer
 from sidecar.proxy.h2server import drain as drain_h2
 from sidecar.proxy.h2server import install as install_h2
 from sidecar.proxy.relay import Relays
+from sidecar.proxy.server import ListenerHandler
 from sidecar.proxy.sniff import Front
-from sidecar.proxy.server import ListenerHandler, replay_limit
-from sidecar.telemetry.records import FanoutSink
+from sidecar.telemetry.records import FanoutSink, TelemetrySink
 from sidecar.telemetry.redact import install_log_redaction
 from sidecar.transport.client import Transport
 from sidecar.transport.endpoints import EndpointRegistry
 
 log = logging.getLogger("sidecar")
 
-# aiohttp's request parser limits (RFC 9110 gives none; nginx's defaults are 8 KiB lines).
-SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
-
-
-class Generation:
-    __slots__ = ("policy", "router", "states", "handlers", "replay_limits", "transport", "sink", "clock",
-                 "rng", "sleep", "health", "queue", "own_ports", "head_sampler", "relays",
-                 "endpoints", "upgrade_handlers", "interceptors")
-
-    def __init__(self, policy: Policy, runtime: "Runtime") -> None:
-        self.policy = policy
-        self.router = Router(policy)
-        routes = [*policy.routes, policy.defaults]
-        self.states = runtime.registry.bind(routes)
-        balanced = any(u.balanced for u in policy.upstreams.values())
-        self.handlers = {r.name: build(r, balanced) for r in routes}
-        self.upgrade_handlers = {r.name: build(r, balanced, upgrade=True) for r in routes}   # proxy/upgrade.py
-        self.replay_limits = {r.name: replay_limit(r) for r in routes}
-        for route in routes:
-            if route.cache is not None:
-                attach_cache(self.states[route.name], route, runtime)
-        self.transport = runtime.transport
-        self.sink = runtime.sink
-        self.clock = runtime.clock
-        self.rng = runtime.rng
-        self.sleep = runtime.sleep
-        self.health = runtime.health
-        self.queue = runtime.queue
-        self.own_ports = {lst.port for lst in policy.listeners} | {policy.admin.port, policy.health.port}
-        self.head_sampler = runtime.head_sampler
-        self.relays = runtime.relays
-        self.endpoints = runtime.endpoints   # balanced upstreams' endpoint sets (transport/endpoints.py)
-        # HTTPS interception per listener (proxy/intercept.py); a CA that cannot be loaded fails the load
-        self.interceptors = {lst.name: runtime.interceptor(lst) for lst in policy.listeners
-                             if lst.intercept is not None}
-
-    def policy_upstream(self, name: str):
-        return self.policy.upstreams[name]
 
 
 class Runtime:
     def __init__(self, policy: Policy, *, clock: Clock = SYSTEM_CLOCK, rng: random.Random | None = None,
-                 sleep=asyncio.sleep, sinks: list | None = None, queue=None) -> None:
+                 sleep: Sleep = asyncio.sleep, sinks: list[TelemetrySink] | None = None,
+                 queue: WriteQueue | None = None, head_sampler: HeadSampler | None = None) -> None:
         self.clock = clock
-        self.rng = rng or random.Random()
-        self.sleep = sleep
         self.transport = Transport()
         self.links = Links(clock)            # Redis connections for shared limits and queues, one per URL
-        self.registry = StateRegistry(clock, self.links)
+        self.registry = StateRegistry(clock, limiter_factory(clock, self.links))
         self.health: dict[str, HealthState] = {}
         self.queue = queue                   # sidecar.queue.DurableQueue, when a route has `queue:`
         self.relays = Relays()               # tunnels, upgrades, passthrough: SIGTERM reaches them here
         self._interceptors: dict = {}        # (listener name, Intercept) -> Interceptor
-        self._first_policy = policy
         self.sink = FanoutSink(list(sinks or []))
         self.endpoints = EndpointRegistry(self.transport, self.sink, clock)
         self.endpoints.sync(policy.upstreams)
-        # The `sampled` flag sent upstream: the trace exporter's head decision, or "not sampled".
-        samplers = [s.samples for s in self.sink.sinks if hasattr(s, "samples")]
-        self.head_sampler = samplers[0] if samplers else _never_sampled
-        self.gen = Generation(policy, self)
+        # head_sampler: the `sampled` flag sent upstream (the trace exporter's head decision); none
+        # given: "not sampled".
+        self.services = Services(transport=self.transport, sink=self.sink, clock=clock,
+                                 rng=rng or random.Random(), sleep=sleep, health=self.health, queue=queue,
+                                 relays=self.relays, endpoints=self.endpoints,
+                                 **({"head_sampler": head_sampler} if head_sampler is not None else {}))
+        gen, binding = build_generation(policy, self.services, self.registry, self.current,
+                                        interceptors=self._interceptors_for(policy))
+        binding.commit()
+        self.gen: Context = gen
         install_log_redaction(self)          # every log record, aiohttp's too, scrubbed of secrets
         self.started_at = time.time()
         self.last_reload_error: str | None = None
@@ -114,11 +81,20 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         self._reuse_port = False             # --workers: every process binds each listener (SO_REUSEPORT)
 
+    def current(self) -> Context:
+        """The running generation: what a request starting now runs with."""
+        return self.gen
+
     @property
     def policy(self) -> Policy:
         return self.gen.policy
 
-    def interceptor(self, listener: Listener):
+    def _interceptors_for(self, policy: Policy) -> dict[str, object]:
+        """HTTPS interception per listener (proxy/intercept.py); a CA that cannot be loaded fails the load."""
+        return {lst.name: self.interceptor(lst, policy.state_dir) for lst in policy.listeners
+                if lst.intercept is not None}
+
+    def interceptor(self, listener: Listener, state_dir: str):
         """The listener's Interceptor, kept across reloads while its hosts and CA are unchanged (so are
         its cached leaf certificates)."""
         from sidecar.proxy.certs import load_or_create
@@ -127,7 +103,6 @@ class Runtime:
         key = (listener.name, intercept)
         held = self._interceptors.get(key)
         if held is None:
-            state_dir = self.gen.policy.state_dir if hasattr(self, "gen") else self._first_policy.state_dir
             authority = load_or_create(intercept.ca_cert_file, intercept.ca_key_file, state_dir)
             held = self._interceptors[key] = Interceptor(self, authority, intercept)
         return held
@@ -135,7 +110,7 @@ class Runtime:
     # -- listeners ---------------------------------------------------------------------------------
     async def _bind(self, listener: Listener, reuse_port: bool = False) -> tuple[web.Server, asyncio.AbstractServer]:
         # header-read and idle timeouts, header size cap, no echo of bad lines: see proxy/guard.py
-        handler = ListenerHandler(self, listener)
+        handler = ListenerHandler(self.current, listener)
         server = GuardedServer(handler, access_log=None, **SERVER_LIMITS)
         server.listener_handler = handler    # a reload changes the listener's settings here, in place
         # The first bytes pick the protocol (HTTP/1, HTTP/2, TLS or TCP passthrough): see proxy/sniff.py
@@ -225,12 +200,14 @@ class Runtime:
                 return True, None
             opened = await self._bind_new_listeners(policy)
             try:
-                gen = Generation(policy, self)
+                gen, binding = build_generation(policy, self.services, self.registry, self.current,
+                                                interceptors=self._interceptors_for(policy))
             except Exception as exc:  # noqa: BLE001 - a bug, but the old policy must keep serving
                 self._close_bound(opened)
                 log.exception("building policy %s failed", policy.digest)
                 raise PolicyError([Problem(path, 1, 1, f"policy could not be applied: {exc!r}")]) from exc
             self._commit_listeners(policy, opened)
+            binding.commit()                 # live state moves over in the same loop step as the swap
             self.gen = gen
             self.endpoints.sync(policy.upstreams)   # sets kept by upstream name, endpoints by address
             await self.transport.retain(policy.upstreams, self.endpoints.targets())
@@ -243,7 +220,7 @@ class Runtime:
             self._background(Decision.CONFIG_REJECTED, message[:500])
             return False, message
         self.last_reload_error = None
-        if self.queue is None and any(r.queue is not None for r in policy.routes):
+        if self.queue is None and policy.queues_writes:
             log.warning("policy %s adds a store-and-forward queue: it takes effect on the next restart "
                         "(the queue's state_dir is opened at start); until then those writes are not queued",
                         policy.digest)
@@ -306,7 +283,7 @@ class Runtime:
                 "retry_budget_remaining": state.budget.remaining() if state.budget else None,
                 "in_flight": state.concurrency.in_flight if state.concurrency else None,
                 "concurrency_max": route.concurrency.max if route.concurrency else None,
-                "cache": state.cache.stats() if getattr(state, "cache", None) else None,
+                "cache": state.cache.stats() if state.cache is not None else None,
                 "tokens_per_minute": None if state.tokens is None else
                 {"limit": state.tokens.limit, "spent": state.tokens.spent()},
                 "rate_limit": state.limiter.stats() if state.limiter is not None else None,
@@ -334,7 +311,7 @@ class Runtime:
                 breakers.append({"route": name, "upstream": up, "state": br.state.value})
             if state.budget is not None:
                 budgets.append({"route": name, "remaining": state.budget.remaining()})
-            cache = getattr(state, "cache", None)
+            cache = state.cache
             if cache is not None:
                 cache_entries += cache.entries()
         queue = self.queue.stats() if self.queue is not None else {}
@@ -368,25 +345,3 @@ class Runtime:
                 await state.cache.close()
         await self.links.close()
         await self.transport.close()
-        for sink in self.sink.sinks:
-            shutdown = getattr(sink, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
-
-
-def _never_sampled(trace_id: str, parent_span_id: str | None, caller_sampled: bool) -> bool:
-    return False
-
-
-def serve(policy_path: str, *, workers: int = 1, drain_timeout: float = 20.0, log_level: str = "info") -> int:
-    from sidecar.app import run_forever
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        policy = load_policy(policy_path)
-    except PolicyError as exc:
-        for problem in exc.problems:
-            print(problem, flush=True)
-        return 1
-    return run_forever(policy, workers=workers, drain_timeout=drain_timeout)
-

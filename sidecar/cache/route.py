@@ -1,14 +1,14 @@
 """One cached route (`RouteCache`): lookups, collapsed misses, background refreshes, stale answers, counters.
 
 What it does for a request is told in sidecar.pipeline.cache, the layer that hands requests to it.
-It lives on the route's state (sidecar.pipeline.state.RouteState.cache), so a reload that keeps the
+It lives on the route's state (sidecar.exchange.state.RouteState.cache), so a reload that keeps the
 store and key keeps its entries.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Callable
 
 from multidict import CIMultiDict
 
@@ -20,11 +20,12 @@ from sidecar.core.cache import (
 )
 from sidecar.core.clock import Clock
 from sidecar.core.decisions import Decision
-from sidecar.pipeline.calls import make_call
-from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+from sidecar.exchange.calls import make_call
+from sidecar.exchange.context import Context
+from sidecar.exchange.records import follow_up_record
+from sidecar.exchange.replies import json_error
+from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.policy.model import CachePolicy
-from sidecar.telemetry.records import RequestRecord
-from sidecar.telemetry.tracecontext import new_span_id
 from sidecar.transport.errors import UpstreamFailure
 
 log = logging.getLogger("sidecar.cache")
@@ -69,7 +70,7 @@ class RouteCache:
     def warming(self) -> bool:
         return self._warm_task is not None and not self._warm_task.done()
 
-    def start_warming(self, runtime) -> None:
+    def start_warming(self, current: Callable[[], Context]) -> None:
         """(Re)start fetching `cache.warm` paths: all of them now, then each on its schedule."""
         from sidecar.cache.warm import warm_loop
         if self._warm_task is not None:
@@ -78,7 +79,7 @@ class RouteCache:
         if not self.policy.warm:
             return
         try:
-            self._warm_task = asyncio.get_running_loop().create_task(warm_loop(runtime, self.route, self))
+            self._warm_task = asyncio.get_running_loop().create_task(warm_loop(current, self.route, self))
         except RuntimeError:                 # no running loop: a runtime built outside one
             pass
 
@@ -152,7 +153,8 @@ class RouteCache:
             self.counts["bypass"] += 1       # too large to hash: streamed through, never cached
             return self._mark(ex, await next(ex, call), "bypass", detail="body-too-large")
         key_method = "GET" if ex.method == "HEAD" else ex.method
-        key = key_digest(self.namespace, build_key(policy.key, key_method, ex.url, ex.headers, ex.body.data))
+        key = key_digest(self.namespace, build_key(policy.key, key_method, ex.url, ex.headers, ex.body.data,
+                                                   call.upstream.name if call.upstream is not None else None))
         ex.cache_key = key
         if not ex.enforce:
             return await self._shadow(ex, call, next, key)
@@ -176,9 +178,9 @@ class RouteCache:
                 if not any(name in ex.headers for name in CONDITIONALS):   # the app's own validators win
                     stale = entry
         if directives.only_if_cached:
-            return Reply(status=504, headers=CIMultiDict({"content-type": "application/json"}),
-                         upstream="cache", body=b'{"error": "not cached (only-if-cached)"}',
-                         cache_status=cache_status(detail="only-if-cached"))
+            reply = json_error(504, "not cached (only-if-cached)", ex.route.name, upstream="cache")
+            reply.cache_status = cache_status(detail="only-if-cached")
+            return reply
         self.counts["misses"] += 1
         if ex.method == "HEAD":
             return await self._forward(ex, call, next, key, fwd, None)
@@ -470,15 +472,11 @@ class RouteCache:
 def _background_exchange(ex: Exchange) -> Exchange:
     """A detached copy of the request, in the same trace as the one that triggered it."""
     method = "GET" if ex.method == "HEAD" else ex.method
-    parent = ex.record
-    record = RequestRecord(
-        trace_id=parent.trace_id, span_id=new_span_id(), parent_span_id=parent.span_id,
-        caller_sampled=parent.caller_sampled, tracestate=parent.tracestate, route=parent.route, upstream=None,
-        method=method, url=parent.url, listener="cache-revalidate", policy_version=parent.policy_version,
-        start_ns=time.time_ns(), sampled=parent.sampled)
-    bg = Exchange(route=ex.route, state=ex.state, runtime=ex.runtime, method=method, url=ex.url,
+    record = follow_up_record(ex.record, listener="cache-revalidate", method=method)
+    bg = Exchange(route=ex.route, state=ex.state, ctx=ex.ctx, method=method, url=ex.url,
                   headers=CIMultiDict(ex.headers), body=ex.body,
-                  deadline=ex.runtime.clock.monotonic() + ex.route.timeout, record=record)
+                  deadline=ex.ctx.clock.monotonic() + ex.route.timeout, record=record,
+                  egress_guard=ex.egress_guard)
     bg.cache_key = ex.cache_key
     bg.connect_to = ex.connect_to
     return bg

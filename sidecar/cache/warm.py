@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Callable
 
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.pipeline.body import RequestBody
-from sidecar.pipeline.calls import make_call
-from sidecar.pipeline.exchange import Degraded, Exchange
-from sidecar.telemetry.records import RequestRecord
-from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
+from sidecar.exchange.body import RequestBody
+from sidecar.exchange.calls import make_call
+from sidecar.exchange.context import Context
+from sidecar.exchange.records import request_record
+from sidecar.exchange.types import Degraded, Exchange
+from sidecar.policy.model import Route
 from sidecar.transport.errors import UpstreamFailure
 
 log = logging.getLogger("sidecar.cache")
@@ -27,19 +28,19 @@ log = logging.getLogger("sidecar.cache")
 MIN_PAUSE = 0.05                           # never spin, whatever the schedule says
 
 
-def _current_route(runtime, name: str):
-    gen = runtime.gen
+def _current_route(current: Callable[[], Context], name: str) -> tuple[Context, Route | None]:
+    gen = current()
     for route in gen.policy.routes:
         if route.name == name:
             return gen, route
     return gen, None
 
 
-async def warm_loop(runtime, route_name: str, cache) -> None:
+async def warm_loop(current: Callable[[], Context], route_name: str, cache: object) -> None:
     """Fetch every warm path now, then each again `every` seconds later, while `cache` is the route's."""
     due: dict[str, float] = {}
     while True:
-        gen, route = _current_route(runtime, route_name)
+        gen, route = _current_route(current, route_name)
         state = gen.states.get(route_name)
         if route is None or route.cache is None or not route.cache.warm \
                 or state is None or state.cache is not cache:
@@ -49,23 +50,18 @@ async def warm_loop(runtime, route_name: str, cache) -> None:
                 due[warm.path] = gen.clock.monotonic() + warm.every
                 await warm_once(gen, route, warm.path)
         wake = min(due.get(w.path, 0.0) for w in route.cache.warm)
-        await runtime.sleep(max(wake - gen.clock.monotonic(), MIN_PAUSE))
+        await gen.sleep(max(wake - gen.clock.monotonic(), MIN_PAUSE))
 
 
-async def warm_once(gen, route, path: str) -> bool:
+async def warm_once(gen: Context, route: Route, path: str) -> bool:
     """One fetch of `path` through the route's stack; True when an answer came back whole."""
     upstream = gen.policy.upstreams.get(route.upstream) if route.upstream else None
     if upstream is None:
         log.debug("route %s: cache.warm needs an upstream to know the origin; skipped", route.name)
         return False
     url = URL(f"{upstream.origin}{path}", encoded=True)
-    trace_id = new_trace_id()
-    record = RequestRecord(
-        trace_id=trace_id, span_id=new_span_id(), parent_span_id=None, caller_sampled=False,
-        tracestate=None, route=route.name, upstream=None, method="GET", url=str(url), listener="cache-warm",
-        policy_version=gen.policy.digest, start_ns=time.time_ns(),
-        sampled=gen.head_sampler(trace_id, None, False))
-    ex = Exchange(route=route, state=gen.states[route.name], runtime=gen, method="GET", url=url,
+    record = request_record(gen, route=route.name, listener="cache-warm", method="GET", url=str(url))
+    ex = Exchange(route=route, state=gen.states[route.name], ctx=gen, method="GET", url=url,
                   headers=CIMultiDict({"Cache-Control": "no-cache"}), body=RequestBody.EMPTY,
                   deadline=gen.clock.monotonic() + route.timeout, record=record)
     try:

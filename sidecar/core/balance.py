@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Literal, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
 Balance = Literal["ewma", "least-request", "round-robin", "random"]
 BALANCERS: tuple[Balance, ...] = ("ewma", "least-request", "round-robin", "random")
@@ -93,7 +93,8 @@ def _by_share(cands: Sequence[Candidate], shares: Sequence[float], rng: random.R
     return cands[-1]
 
 
-def p2c(cands: Sequence[Candidate], rng: random.Random, now: float, cost) -> Candidate:
+def p2c(cands: Sequence[Candidate], rng: random.Random, now: float,
+        cost: Callable[[Candidate, float], float]) -> Candidate:
     """Power of two choices over `cost(ep, now)`; weighted by weight / cost when weights differ."""
     n = len(cands)
     if n == 1:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ..policy.model import BreakerPolicy
-from .clock import Clock
-from .window import SlidingCounts
+from sidecar.core.clock import Clock
+from sidecar.core.decisions import Decision
+from sidecar.core.window import SlidingCounts
+from sidecar.policy.model import BreakerPolicy
 
 
 class BreakerState(str, enum.Enum):
@@ -66,6 +67,19 @@ class Transition:
     def __post_init__(self) -> None:
         if self.old is self.new:
             raise ValueError(f"a transition changes state, got {self.old} -> {self.new}")
+
+
+# The decision each edge becomes (SPEC "Decisions"), for every caller: data plane, queue, tunnels.
+_DECISION = {
+    BreakerState.OPEN: Decision.BREAKER_OPENED,
+    BreakerState.HALF_OPEN: Decision.BREAKER_HALF_OPEN,
+    BreakerState.CLOSED: Decision.BREAKER_CLOSED,
+}
+
+
+def transition_decision(transition: Transition) -> Decision:
+    """`breaker_opened`, `breaker_half_open` or `breaker_closed`: the edge's new state, as a decision."""
+    return _DECISION[transition.new]
 
 
 class _Event(enum.Enum):
@@ -219,7 +233,7 @@ class CircuitBreaker:
             return None
         return self._opened_at + self._open_for
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, object]:
         """Plain data for /status."""
         calls, failures, slow = self._window.totals()
         until = self.open_until()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from ..policy.model import BudgetPolicy
+from sidecar.policy.model import BudgetPolicy
 from .clock import Clock
 from .window import SlidingCounts
 

@@ -25,6 +25,8 @@ from email.utils import parsedate_to_datetime
 from sys import intern as _intern
 from typing import Iterable, Mapping
 
+from yarl import URL
+
 from sidecar.policy.model import CachePolicy
 
 CACHE_NAME = "sidecar"                     # our member name in Cache-Status (RFC 9211 §2)
@@ -115,7 +117,9 @@ def parse_cache_control(values: Iterable[str]) -> dict[str, str | None]:
 
 def _split_commas(value: str) -> list[str]:
     """Split on commas outside quoted strings (`no-cache="a, b"` is one directive)."""
-    parts, buf, quoted = [], [], False
+    parts: list[str] = []
+    buf: list[str] = []
+    quoted = False
     for ch in value:
         if ch == '"':
             quoted = not quoted
@@ -175,7 +179,9 @@ def not_storable(status: int, headers: Mapping[str, str] | Iterable[tuple[str, s
                  policy: CachePolicy) -> NotStored | None:
     """None when the answer may be stored; else the reason (RFC 9111 §3, §5.2.2)."""
     pairs = list(headers.items()) if hasattr(headers, "items") else list(headers)
-    get_all = lambda name: [v for k, v in pairs if k.lower() == name]   # noqa: E731
+
+    def get_all(name: str) -> list[str]:
+        return [v for k, v in pairs if k.lower() == name]
     if status not in policy.statuses:
         return NotStored.STATUS
     if policy.ttl + max(policy.stale_if_error, policy.stale_while_revalidate) <= 0:
@@ -288,24 +294,28 @@ def etag_matches(entry: CacheEntry, if_none_match: str) -> bool:
         return False
     if if_none_match.strip() == "*":
         return True
-    strip = lambda tag: tag.strip().removeprefix("W/")   # noqa: E731
+
+    def strip(tag: str) -> str:
+        return tag.strip().removeprefix("W/")
     return strip(etag) in {strip(t) for t in if_none_match.split(",")}
 
 
 # -- keys ----------------------------------------------------------------------------------------------
 
-def build_key(parts: Iterable[str], method: str, url, headers: Mapping[str, str], body: bytes | None) -> str:
+def build_key(parts: Iterable[str], method: str, url: URL, headers: Mapping[str, str], body: bytes | None,
+              upstream: str | None = None) -> str:
     """The canonical key text for `cache.key` (`method`, `url`, `body`, `header:NAME`).
 
     The query is sorted, so `?b=2&a=1` and `?a=1&b=2` share an entry; the body is a sha256, so a key
     stays small. One line per part: URLs and header values cannot hold a newline, so keys never clash.
+    `url` is the upstream's view (`canonical_url`): `upstream` names the upstream the request goes to.
     """
     lines = []
     for part in parts:
         if part == "method":
             lines.append("method=" + method.upper())
         elif part == "url":
-            lines.append("url=" + canonical_url(url))
+            lines.append("url=" + canonical_url(url, upstream))
         elif part == "body":
             lines.append("body=sha256:" + hashlib.sha256(body or b"").hexdigest())
         elif part.startswith("header:"):
@@ -316,10 +326,16 @@ def build_key(parts: Iterable[str], method: str, url, headers: Mapping[str, str]
     return "\n".join(lines)
 
 
-def canonical_url(url) -> str:
-    """scheme://host:port/path?sorted-query (a yarl URL); the fragment never reaches a server."""
+def canonical_url(url: URL, upstream: str | None = None) -> str:
+    """The URL a cache key holds: the upstream's view of the request, as nginx keys on
+    `$proxy_host$request_uri`. To a named upstream: `upstream://NAME/path?sorted-query`, whatever host
+    or listener the app addressed (a warmed entry is found by the requests it is meant for); to the
+    original destination: `scheme://host:port/path?sorted-query`. The fragment never reaches a server."""
     query = "&".join(sorted(p for p in url.raw_query_string.split("&") if p))
-    base = f"{url.scheme}://{url.raw_host}:{url.port}{url.raw_path or '/'}"
+    if upstream is not None:
+        base = f"upstream://{upstream}{url.raw_path or '/'}"
+    else:
+        base = f"{url.scheme}://{url.raw_host}:{url.port}{url.raw_path or '/'}"
     return f"{base}?{query}" if query else base
 
 

@@ -66,7 +66,7 @@ class DecisionRecord:
     trace_id: str | None = None            # 32 hex digits, when the decision belongs to a request
     span_id: str | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, float | str | None]:
         out = {"decision": self.decision.value, "route": self.route, "upstream": self.upstream,
                "reason": self.reason, "at": self.at}
         for key in ("breaker_state", "budget_remaining", "fallback_target", "policy_version",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Collection, NamedTuple, Sequence
+from typing import Collection, NamedTuple, Sequence, cast
 
 from sidecar.core.balance import Balance, Balancer, PeakEwma
 from sidecar.core.decisions import Decision
@@ -136,7 +136,7 @@ class EndpointSet:
             untried = [ep for ep in ready if ep.key not in tried]
             if untried:
                 ready = untried
-        ep = self.balancer.pick(ready, rng, now)
+        ep = cast(EndpointState, self.balancer.pick(ready, rng, now))   # it picks one of `ready`
         return Pick(ep, panic, not usable, restored, None)
 
     def start(self, ep: EndpointState) -> None:
@@ -200,7 +200,7 @@ class EndpointSet:
         return True
 
     # -- for /status and metrics ---------------------------------------------------------------------
-    def snapshot(self, now: float, wall: float) -> list[dict]:
+    def snapshot(self, now: float, wall: float) -> list[dict[str, object]]:
         total = sum(ep.requests for ep in self.endpoints) or 1
         out = []
         for ep in self.endpoints:

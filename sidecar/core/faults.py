@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from ..policy.model import FaultPolicy
+from sidecar.policy.model import FaultPolicy
 
 
 def _hit(percent: float, rng: random.Random) -> bool:

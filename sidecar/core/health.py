@@ -8,7 +8,7 @@ that just started sends traffic instead of failing everything until the first pr
 """
 from __future__ import annotations
 
-from ..policy.model import HealthCheck
+from sidecar.policy.model import HealthCheck
 
 
 class HealthState:

@@ -15,13 +15,14 @@ from typing import Iterator
 
 import backoff as _backoff
 
-from ..policy.model import BackoffPolicy, RetryPolicy
+from sidecar.policy.conditions import TRANSPORT_FAILURES, Outcome
+from sidecar.policy.model import BackoffPolicy, RetryPolicy
 
 # RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 # Transport failures the transport layer reports; each is also a `when:` outcome name.
-FAILURES = frozenset({"connect-failure", "reset", "timeout", "protocol-error"})
+FAILURES = frozenset(TRANSPORT_FAILURES)
 
 
 def method_retryable(policy: RetryPolicy, method: str, has_idempotency_key: bool) -> bool:
@@ -35,7 +36,8 @@ def method_retryable(policy: RetryPolicy, method: str, has_idempotency_key: bool
     return method in allowed
 
 
-def outcome_retryable(policy: RetryPolicy, *, status: int | None = None, failure: str | None = None) -> bool:
+def outcome_retryable(policy: RetryPolicy, *, status: int | None = None,
+                      failure: Outcome | None = None) -> bool:
     """Would this outcome be retried under `policy.when`? Pure: spends no budget, counts no attempt.
 
     `failure` is a transport failure name (see `FAILURES`); `status` a response status. Either matching

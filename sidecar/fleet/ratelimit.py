@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from sidecar.core.clock import Clock
@@ -77,6 +78,12 @@ def make_limiter(route: str, policy: RateLimitPolicy, clock: Clock, links: Links
     if policy.store == "local":
         return local
     return RedisLimiter(route, policy, links.get(policy.store), local)
+
+
+def limiter_factory(clock: Clock, links: Links | None = None) -> Callable[[str, RateLimitPolicy], Limiter]:
+    """What the route states build their limiters with (exchange/state.py's LimiterFactory)."""
+    shared = links if links is not None else Links(clock)
+    return lambda route, policy: make_limiter(route, policy, clock, shared)
 
 
 class LocalLimiter:

@@ -13,7 +13,7 @@ import asyncio
 from sidecar.core.decisions import Decision
 from sidecar.core.endpoints import EndpointEvent
 from sidecar.core.retry import parse_retry_after
-from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.transport.errors import UpstreamFailure
 
 
@@ -21,27 +21,27 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
     up = call.upstream
     if up is None or not up.balanced:
         return await next(ex, call)
-    runtime = ex.runtime
-    group = runtime.endpoints.get(up.name)
+    ctx = ex.ctx
+    group = ctx.endpoints.get(up.name)
     if group is None:
         return await next(ex, call)
     eset = group.set
-    clock = runtime.clock
+    clock = ctx.clock
     if not eset.endpoints and group.discovery is not None and not group.discovery.resolved.is_set():
         await _first_answer(ex, group.discovery.resolved)
     if not eset.endpoints:
         raise UpstreamFailure("connect-failure", f"no endpoints known for {up.name} (DNS gave none yet)")
     now = clock.monotonic()
     tried = call.tried
-    pick = eset.pick(now, runtime.rng, tried or ())
+    pick = eset.pick(now, ctx.rng, tried or ())
     for event in pick.restored:
-        runtime.endpoints.background(up.name, event, ex.record.policy_version)
+        ctx.endpoints.background(up.name, event, ex.record.policy_version)
     if pick.all_unhealthy:
         ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint fails its active health check",
                   upstream=up.name, breaker_state="open")
         if ex.enforce:
             raise Degraded("breaker-open", f"every endpoint of {up.name} is unhealthy", upstream=up.name)
-        pick = eset.pick(now, runtime.rng, tried or (), ignore_health=True)   # shadow: as if no policy
+        pick = eset.pick(now, ctx.rng, tried or (), ignore_health=True)   # shadow: as if no policy
     if pick.none_usable:
         ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint is ejected or failing its health check",
                   upstream=up.name)

@@ -6,33 +6,27 @@ the app whole: a stream cut mid-way counts as a failure (SPEC "What the applicat
 """
 from __future__ import annotations
 
+from sidecar.core.breaker import Transition, transition_decision
 from sidecar.core.decisions import Decision
-from sidecar.core.grpc import SERVER_FAULTS
-from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+from sidecar.grpc_rules import SERVER_FAULTS
+from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.pipeline.grpc import reply_code
+from sidecar.policy.conditions import Outcome
 from sidecar.transport.errors import UpstreamFailure
 
-_TRANSITION_DECISION = {
-    "open": Decision.BREAKER_OPENED,
-    "half_open": Decision.BREAKER_HALF_OPEN,
-    "closed": Decision.BREAKER_CLOSED,
-}
-
-
-def note_transition(ex: Exchange, target: str, transition) -> None:
-    if transition is None:
-        return
-    new = transition.new.value if hasattr(transition.new, "value") else str(transition.new)
-    ex.decide(_TRANSITION_DECISION[new], transition.reason, upstream=target, breaker_state=new)
+def note_transition(ex: Exchange, target: str, transition: Transition | None) -> None:
+    if transition is not None:
+        ex.decide(transition_decision(transition), transition.reason, upstream=target,
+                  breaker_state=transition.new.value)
 
 
 async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
-    health = ex.runtime.health.get(call.name)
+    health = ex.ctx.health.get(call.name)
     if health is not None and not health.healthy:
         ex.decide(Decision.UPSTREAM_UNHEALTHY, "failing its active health check", upstream=call.name,
                   breaker_state="open")
         if ex.enforce:
-            raise Degraded("breaker-open", f"upstream {call.name} is unhealthy", upstream=call.name)
+            raise Degraded(Outcome.UPSTREAM_UNHEALTHY, f"upstream {call.name} is unhealthy", upstream=call.name)
     breaker = ex.state.breaker(call.name)
     if breaker is None:
         return await next(ex, call)
@@ -42,9 +36,9 @@ async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
         ex.decide(Decision.BREAKER_OPEN, "circuit open: rejected without calling the upstream",
                   upstream=call.name, breaker_state=breaker.state.value)
         if ex.enforce:
-            raise Degraded("breaker-open", f"circuit breaker for {call.name} is open", upstream=call.name)
+            raise Degraded(Outcome.BREAKER_OPEN, f"circuit breaker for {call.name} is open", upstream=call.name)
         return await next(ex, call)
-    clock = ex.runtime.clock
+    clock = ex.ctx.clock
     started = clock.monotonic()
     try:
         reply = await next(ex, call)
@@ -82,5 +76,5 @@ def _outlier_only(ex: Exchange, call: Call) -> bool:
     ep = call.endpoint
     if ep is None:
         return False
-    group = ex.runtime.endpoints.get(call.name)
+    group = ex.ctx.endpoints.get(call.name)
     return group is not None and not group.set.counts_for_breaker(ep)

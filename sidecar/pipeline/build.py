@@ -11,11 +11,11 @@ from typing import Awaitable, Callable
 from sidecar.pipeline.balance import balance_layer
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.cache import cache_layer
-from sidecar.pipeline.exchange import Call, Exchange, Reply
+from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.pipeline.fallback import fallback_layer
 from sidecar.pipeline.guards import concurrency_layer, fault_layer, rate_limit_layer
 from sidecar.pipeline.hedge import hedge_layer
-from sidecar.pipeline.retry import retry_layer
+from sidecar.pipeline.retry import retries, retry_layer
 from sidecar.pipeline.send import send
 from sidecar.policy.model import Route
 
@@ -36,7 +36,7 @@ def layers_for(route: Route, balanced: bool = False, upgrade: bool = False) -> l
         stack.append(concurrency_layer)      # over the limit: concurrency_full at once, no queueing
     if route.fault is not None:
         stack.append(fault_layer)            # rehearsed outages: delay or abort before the upstream
-    if route.retry is not None and route.retry.max_retries > 0:
+    if retries(route):
         stack.append(retry_layer)            # tries again under the budget, with backoff
     if route.hedge is not None and not upgrade:
         stack.append(hedge_layer)            # a slow try races another
@@ -52,3 +52,18 @@ def build(route: Route, balanced: bool = False, upgrade: bool = False) -> Handle
     for layer in reversed(layers_for(route, balanced, upgrade)):
         handler = functools.partial(layer, next=handler)
     return handler
+
+
+# A route that no feature needs to replay streams its body from the first byte.
+NO_REPLAY_LIMIT = 0
+DEFAULT_REPLAY_LIMIT = 64 * 1024
+
+
+def replay_limit(route: Route) -> int:
+    if route.retry is not None:
+        return route.retry.max_body
+    if route.fallback is not None or route.hedge is not None or route.queue is not None \
+            or (route.cache is not None and "body" in route.cache.key) \
+            or (route.rate_limit is not None and route.rate_limit.tokens_per_minute is not None):
+        return DEFAULT_REPLAY_LIMIT
+    return NO_REPLAY_LIMIT

@@ -18,33 +18,50 @@ the operator's policy is the out-of-band permission RFC 9111 §4.2.4 allows, and
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sidecar.cache.route import RouteCache
-from sidecar.pipeline.exchange import Call, Exchange, Reply
+from sidecar.exchange.context import Context
+from sidecar.exchange.state import Binding, RouteState
+from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.policy.model import Route
 
 
-def attach_cache(state, route: Route, runtime=None) -> None:
-    """Bind a RouteCache to the route's state; entries survive a reload that keeps `store` and `key`.
+def attach_cache(binding: Binding, state: RouteState, route: Route,
+                 current: Callable[[], Context] | None = None) -> None:
+    """Bind a RouteCache to the route's state when `binding` commits; entries survive a reload that
+    keeps `store` and `key`. Nothing live changes before the commit: a new cache is built aside, the
+    old one is retired (and warm loops restarted) only by the commit.
 
-    With `runtime` (sidecar.runtime.Runtime), the route's `cache.warm` paths are fetched too.
+    With `current` (the running generation, read on each round), the route's `cache.warm` paths are
+    fetched too.
     """
     policy = route.cache
-    current = state.cache
-    if current is not None and current.policy.store == policy.store and current.policy.key == policy.key:
-        warm_changed = current.policy.warm != policy.warm
-        current.update(policy)
-        if runtime is not None and (warm_changed or not current.warming):
-            current.start_warming(runtime)
+    assert policy is not None
+    cache = state.cache
+    if isinstance(cache, RouteCache) and cache.policy.store == policy.store and cache.policy.key == policy.key:
+        kept = cache
+        warm_changed = kept.policy.warm != policy.warm
+
+        def keep() -> None:
+            kept.update(policy)
+            if current is not None and (warm_changed or not kept.warming):
+                kept.start_warming(current)
+        binding.on_commit(keep)
         return
-    if current is not None:
-        current.retire()
-    state.cache = RouteCache(route.name, policy, state.clock)
-    if runtime is not None:
-        state.cache.start_warming(runtime)
+    fresh = RouteCache(route.name, policy, state.clock)
+
+    def swap() -> None:
+        if state.cache is not None:
+            state.cache.retire()
+        state.cache = fresh
+        if current is not None:
+            fresh.start_warming(current)
+    binding.on_commit(swap)
 
 
 async def cache_layer(ex: Exchange, call: Call, next) -> Reply:
-    cache: RouteCache | None = ex.state.cache
-    if cache is None:                        # a runtime built without the cache feature
+    cache = ex.state.cache
+    if cache is None:                        # a state built without the cache feature
         return await next(ex, call)
     return await cache.handle(ex, call, next)

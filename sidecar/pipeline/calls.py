@@ -1,61 +1,20 @@
-"""Building what each target is sent: the primary's request, and a fallback upstream's rewrite of it.
-
-A named upstream gets its own origin (scheme, host, port, base path), its own `Host`, and its configured
-headers (API keys); a request with no upstream goes to its original destination unchanged.
-"""
+"""A fallback upstream's request: the primary's (exchange/calls.py) with the target's rewrite applied."""
 from __future__ import annotations
 
 import json
 
 from multidict import CIMultiDict
-from yarl import URL
 
-from sidecar.pipeline.body import RequestBody
-from sidecar.pipeline.exchange import Call, Exchange
+from sidecar.exchange.body import RequestBody
+from sidecar.exchange.calls import make_call, path_qs_of
+from sidecar.exchange.types import Call, Exchange
 from sidecar.policy.model import Rewrite, Upstream
-
-
-def upstream_url(up: Upstream, path_qs: str) -> URL:
-    return URL(f"{up.origin}{up.base_path}{path_qs}", encoded=True)
-
-
-def host_header(up: Upstream) -> str:
-    default = 443 if up.scheme == "https" else 80
-    return up.host if up.port == default else f"{up.host}:{up.port}"
-
-
-def _path_qs(url: URL) -> str:
-    return url.raw_path_qs or "/"
-
-
-def make_call(ex: Exchange, upstream: Upstream | None, *, headers: CIMultiDict | None = None,
-              path_qs: str | None = None, body: RequestBody | None = None,
-              fallback_target: str | None = None) -> Call:
-    headers = CIMultiDict(ex.headers) if headers is None else headers
-    path_qs = _path_qs(ex.url) if path_qs is None else path_qs
-    if upstream is None:
-        authority = ex.url.raw_authority
-        if ex.connect_to is not None:        # the Host header (kept in `headers`) is not re-resolved
-            ip, port = ex.connect_to
-            authority = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-        url = URL(f"{ex.url.scheme}://{authority}{path_qs}", encoded=True)
-        name = f"{ex.url.host}:{ex.url.port}"
-        hostname = None
-    else:
-        url = upstream_url(upstream, path_qs)
-        headers["Host"] = host_header(upstream)
-        for key, value in upstream.headers:
-            headers[key] = value
-        name = upstream.name
-        hostname = upstream.tls.server_name
-    return Call(upstream=upstream, name=name, method=ex.method, url=url, headers=headers,
-                body=body or ex.body, server_hostname=hostname, fallback_target=fallback_target)
 
 
 def rewritten_call(ex: Exchange, upstream: Upstream, rewrite: Rewrite | None, label: str) -> Call:
     """The request for a fallback upstream, with `rewrite` applied (path, headers, JSON body fields)."""
     headers = CIMultiDict(ex.headers)
-    path_qs = _path_qs(ex.url)
+    path_qs = path_qs_of(ex.url)
     body = ex.body
     if rewrite is not None:
         if rewrite.path is not None:

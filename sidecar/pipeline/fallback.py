@@ -21,51 +21,60 @@ from sidecar.core.decisions import Decision
 from sidecar.pipeline.balance import balance_layer
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.calls import rewritten_call
-from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.pipeline.hedge import may_send_twice, race
+from sidecar.pipeline.retry import retries_exhausted
 from sidecar.pipeline.send import send
 from sidecar.pipeline.translate import call_translated
-from sidecar.policy.model import Conditions, FallbackTarget
+from sidecar.policy.conditions import TRANSPORT_FAILURES, Conditions, Outcome
+from sidecar.policy.model import FallbackTarget
 from sidecar.transport.errors import UpstreamFailure
 
 # A fallback upstream is called once, through its own breaker (so a dead fallback is skipped fast),
 # to one of its endpoints when it has several.
 target_stack = functools.partial(balance_layer, next=functools.partial(breaker_layer, next=send))
 
-FAILURE_STATUS = {"connect-failure": 503, "reset": 503, "timeout": 504, "protocol-error": 502}
-
 
 class Failure:
-    """What went wrong with the primary, as `when:` conditions see it."""
-    __slots__ = ("outcome", "status", "reason", "retry_after", "reply")
+    """What went wrong with the primary, as `when:` conditions see it: an `outcome` (a layer refused,
+    the transport failed), or an answer (`reply`) whose status or JSON body matched a condition."""
+    __slots__ = ("outcome", "status", "reason", "retry_after", "reply", "json")
 
-    def __init__(self, outcome: str, status: int, reason: str, retry_after: float | None = None,
-                 reply: Reply | None = None) -> None:
+    def __init__(self, outcome: Outcome | None, status: int, reason: str, retry_after: float | None = None,
+                 reply: Reply | None = None, json: bool = False) -> None:
         self.outcome = outcome
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
         self.reply = reply
+        self.json = json                     # a body condition of `fallback.when` matched
 
     @classmethod
     def of(cls, exc: BaseException) -> "Failure":
         if isinstance(exc, Degraded):
             return cls(exc.outcome, exc.status, exc.reason, exc.retry_after)
         assert isinstance(exc, UpstreamFailure)
-        return cls(exc.kind, FAILURE_STATUS.get(exc.kind, 502), f"{exc.kind}: {exc.detail}")
+        return cls(exc.kind, TRANSPORT_FAILURES.get(exc.kind, 502), f"{exc.kind}: {exc.detail}")
+
+    @property
+    def label(self) -> str:
+        """The failure's name for `x-sidecar-upstream` and the trace's error type."""
+        return self.outcome.value if self.outcome is not None else str(self.status)
 
     def matches(self, when: Conditions, ex: Exchange) -> bool:
-        if self.outcome == "json":           # a body condition of `when` already matched
+        if self.json:                        # a body condition of `when` already matched
             return bool(when.json)
-        if self.reply is None and when.has(self.outcome):
+        if self.outcome is not None and when.has(self.outcome):
             return True
-        if ex.retries_exhausted and when.has("retries-exhausted"):
-            return True
-        if self.reply is None and self.outcome in FAILURE_STATUS and when.has("retries-exhausted"):
-            return True                      # a failed try that no retry followed
-        return when.matches_status(self.status) and self.outcome != "rate-limited"
+        if when.has(Outcome.RETRIES_EXHAUSTED):
+            if self.reply is not None and retries_exhausted(ex, self.status):
+                return True                  # a failed answer that no retry followed
+            if ex.retries_exhausted or self.outcome in TRANSPORT_FAILURES:
+                return True                  # a failed try that no retry followed
+        return when.matches_status(self.status) and self.outcome is not Outcome.RATE_LIMITED
 
     def raise_(self) -> None:
+        assert self.outcome is not None, "an answer is returned, not raised"
         raise Degraded(self.outcome, self.reason, status=self.status, retry_after=self.retry_after)
 
 
@@ -101,9 +110,9 @@ async def fallback_layer(ex: Exchange, call: Call, next) -> Reply:
     except (Degraded, UpstreamFailure) as exc:
         failure = Failure.of(exc)
     queue = route.queue
-    if queue is not None and ex.runtime.queue is not None and ex.method in ("POST", "PUT", "PATCH", "DELETE") \
+    if queue is not None and ex.ctx.queue is not None and ex.method in ("POST", "PUT", "PATCH", "DELETE") \
             and failure.matches(queue.when, ex):
-        answer = await ex.runtime.queue.accept(ex, failure.reason)
+        answer = await ex.ctx.queue.accept(ex, failure.reason)
         if answer is not None:
             return _discard(failure, answer)
     if fb is not None and failure.matches(fb.when, ex):
@@ -130,12 +139,13 @@ async def _reply_failure(ex: Exchange, reply: Reply) -> Failure | None:
     if not conditions:
         return None
     if reply.status >= 400 and any(c.matches_status(reply.status) for c in conditions) \
-            or (ex.retries_exhausted and any(c.has("retries-exhausted") for c in conditions)):
-        return Failure(f"{reply.status}", reply.status, f"{reply.status} from {reply.upstream}", reply=reply)
+            or (any(c.has(Outcome.RETRIES_EXHAUSTED) for c in conditions) and retries_exhausted(ex, reply.status)):
+        return Failure(None, reply.status, f"{reply.status} from {reply.upstream}", reply=reply)
     if fb is not None and fb.when.json and reply.status < 300:
         await _buffer_small(ex, reply)
         if _json_condition(fb.when, reply):
-            return Failure("json", reply.status, f"error in the {reply.upstream} response body", reply=reply)
+            return Failure(None, reply.status, f"error in the {reply.upstream} response body", reply=reply,
+                           json=True)
     return None
 
 
@@ -193,7 +203,7 @@ def _translated(target: FallbackTarget) -> str:
 
 
 def _send_to_target(ex: Exchange, target: FallbackTarget) -> Awaitable[Reply]:
-    upstream = ex.runtime.policy_upstream(target.upstream)
+    upstream = ex.ctx.upstream(target.upstream)
     rewrite = target.rewrite
     if rewrite is not None and rewrite.translate is not None:
         return call_translated(ex, upstream, rewrite, target.label, target_stack)

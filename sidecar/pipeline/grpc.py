@@ -1,4 +1,4 @@
-"""gRPC answers and outcomes, in the pipeline's terms (Reply). The pure rules are in core/grpc.py.
+"""gRPC answers and outcomes, in the pipeline's terms (Reply). The pure rules are in grpc_rules.py.
 
 A gRPC call's outcome is its `grpc-status`: in the response head when the answer is trailers-only (an
 error with no messages), else in the trailers. Until the trailers arrive, a call whose head said
@@ -11,8 +11,8 @@ import json
 
 from multidict import CIMultiDict
 
-from sidecar.core.grpc import GrpcCode, encode_message, for_outcome, is_grpc, parse_status
-from sidecar.pipeline.exchange import Reply
+from sidecar.grpc_rules import GrpcCode, encode_message, for_outcome, is_grpc, parse_status
+from sidecar.exchange.types import Reply
 
 
 def is_grpc_request(headers) -> bool:

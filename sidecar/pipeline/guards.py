@@ -5,15 +5,15 @@ request through.
 """
 from __future__ import annotations
 
-import json
 
-from multidict import CIMultiDict
 
 from sidecar.core.decisions import Decision
 from sidecar.core.faults import decide_fault
+from sidecar.exchange.replies import json_error
+from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.fleet.ratelimit import key_for
 from sidecar.llm.usage import request_shape
-from sidecar.pipeline.exchange import Call, Degraded, Exchange, Reply
+from sidecar.policy.conditions import Outcome
 
 
 async def rate_limit_layer(ex: Exchange, call: Call, next) -> Reply:
@@ -29,7 +29,7 @@ async def rate_limit_layer(ex: Exchange, call: Call, next) -> Reply:
             ex.decide(Decision.RATE_LIMITED, f"over the {scope} limit of {limit.per_second:g}/s{per} "
                                              f"(burst {limit.burst})")
             if ex.enforce:
-                raise Degraded("rate-limited", f"{scope} rate limit exceeded", status=429,
+                raise Degraded(Outcome.RATE_LIMITED, f"{scope} rate limit exceeded", status=429,
                                retry_after=max(verdict.retry_after, 0.001))
     window = ex.state.tokens
     if window is None:
@@ -40,7 +40,7 @@ async def rate_limit_layer(ex: Exchange, call: Call, next) -> Reply:
         ex.decide(Decision.RATE_LIMITED, f"over {limit.tokens_per_minute} tokens/min "
                                          f"({window.spent()} spent or in flight)")
         if ex.enforce:
-            raise Degraded("rate-limited", "LLM tokens per minute exceeded", status=429,
+            raise Degraded(Outcome.RATE_LIMITED, "LLM tokens per minute exceeded", status=429,
                            retry_after=max(retry_after, 0.001))
         return await next(ex, call)
     # The usage is read while the answer streams to the app: settled when it is done (or failed).
@@ -68,7 +68,7 @@ async def concurrency_layer(ex: Exchange, call: Call, next) -> Reply:
     if not limit.try_acquire():
         ex.decide(Decision.CONCURRENCY_FULL, f"{limit.in_flight} requests in flight (max {limit.max})")
         if ex.enforce:
-            raise Degraded("concurrency-full", "too many requests in flight on this route")
+            raise Degraded(Outcome.CONCURRENCY_FULL, "too many requests in flight on this route")
         return await next(ex, call)
     try:
         reply = await next(ex, call)
@@ -90,15 +90,14 @@ def _fault_applies(ex: Exchange) -> bool:
 async def fault_layer(ex: Exchange, call: Call, next) -> Reply:
     if not _fault_applies(ex):
         return await next(ex, call)
-    delay, abort = decide_fault(ex.route.fault, ex.runtime.rng)
+    delay, abort = decide_fault(ex.route.fault, ex.ctx.rng)
     if delay > 0:
         ex.decide(Decision.FAULT_INJECTED, f"delay {delay * 1000:.0f}ms")
         if ex.enforce:
-            await ex.runtime.sleep(min(delay, max(ex.remaining(), 0.0)))
+            await ex.ctx.sleep(min(delay, max(ex.remaining(), 0.0)))
     if abort is not None:
         ex.decide(Decision.FAULT_INJECTED, f"abort with {abort}")
         if ex.enforce:
-            body = json.dumps({"error": "fault injected", "route": ex.route.name}).encode()
-            return Reply(status=abort, headers=CIMultiDict({"content-type": "application/json"}),
-                         upstream="fault", body=body)
+            return json_error(abort, "fault injected", ex.route.name,
+                              [d.decision.value for d in ex.record.decisions], upstream="fault")
     return await next(ex, call)

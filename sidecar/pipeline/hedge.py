@@ -9,16 +9,14 @@ import asyncio
 
 from sidecar.core.decisions import Decision
 from sidecar.core.retry import method_retryable
-from sidecar.pipeline.exchange import Call, Exchange, Reply
-from sidecar.policy.model import RetryPolicy
+from sidecar.exchange.types import Call, Exchange, Reply
+from sidecar.policy.conditions import Outcome
+from sidecar.pipeline.retry import DEFAULT_RETRY
 from sidecar.transport.errors import UpstreamFailure
-
-_DEFAULT_RETRY = RetryPolicy()
-
 
 def may_send_twice(ex: Exchange, call: Call) -> bool:
     return call.body.replayable and method_retryable(
-        ex.route.retry or _DEFAULT_RETRY, call.method, "idempotency-key" in ex.headers)
+        ex.route.retry or DEFAULT_RETRY, call.method, "idempotency-key" in ex.headers)
 
 
 async def race(ex: Exchange, first: asyncio.Task, start_next, delays: list[float], label: str) -> Reply:
@@ -62,7 +60,7 @@ async def race(ex: Exchange, first: asyncio.Task, start_next, delays: list[float
         return last_reply
     if last_exc is not None:
         raise last_exc
-    raise UpstreamFailure("timeout", "no answer before the route's timeout")
+    raise UpstreamFailure(Outcome.TIMEOUT, "no answer before the route's timeout")
 
 
 def _release_late(task: asyncio.Task) -> None:

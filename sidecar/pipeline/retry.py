@@ -8,8 +8,30 @@ from __future__ import annotations
 
 from sidecar.core.decisions import Decision
 from sidecar.core.retry import Backoff, method_retryable, outcome_retryable, parse_retry_after
-from sidecar.pipeline.exchange import Call, Exchange, Reply
+from sidecar.exchange.types import Call, Exchange, Reply
+from sidecar.policy.conditions import Outcome
+from sidecar.policy.model import RetryPolicy, Route
 from sidecar.transport.errors import UpstreamFailure
+
+# What counts as a failed try on a route with no `retry` block: the block's defaults.
+DEFAULT_RETRY = RetryPolicy()
+
+
+def retries(route: Route) -> bool:
+    """Does the route retry at all (is the retry layer in its stack)?"""
+    return route.retry is not None and route.retry.max_retries > 0
+
+
+def retries_exhausted(ex: Exchange, status: int) -> bool:
+    """`retries-exhausted` for an answer with `status`: the primary's last try failed, as the route's
+    `retry.when` counts failures, and no retry followed it. A route that retries decides it in the
+    retry layer (every retry spent, or none allowed: method, body, budget, deadline); one that does
+    not (no `retry`, `max_retries: 0`) has had its one try, so a failed answer meets it at once."""
+    if ex.retries_exhausted:
+        return True
+    if retries(ex.route):
+        return False
+    return outcome_retryable(ex.route.retry or DEFAULT_RETRY, status=status)
 
 
 async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
@@ -17,7 +39,7 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
     budget = ex.state.budget
     if budget is not None:
         budget.on_request()
-    runtime = ex.runtime
+    ctx = ex.ctx
     allowed = call.body.replayable and method_retryable(
         policy, call.method, "idempotency-key" in ex.headers)
     backoff: Backoff | None = None
@@ -34,7 +56,7 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
                 return reply
             what = f"{reply.status} from {call.name}"
         else:
-            if failure.kind == "timeout":
+            if failure.kind is Outcome.TIMEOUT:
                 ex.decide(Decision.TIMEOUT, f"try {retries + 1} to {call.name} timed out", upstream=call.name)
             if not outcome_retryable(policy, failure=failure.kind):
                 raise failure
@@ -44,11 +66,11 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
             ex.retries_exhausted = True
             return _give_up(reply, failure)
         if backoff is None:
-            backoff = Backoff(policy.backoff, runtime.rng)
+            backoff = Backoff(policy.backoff, ctx.rng)
         delay = backoff.next_delay()
         if reply is not None and policy.respect_retry_after and not reply.elsewhere:
             header = reply.headers.get("retry-after")
-            hinted = parse_retry_after(header, runtime.clock.time()) if header else None
+            hinted = parse_retry_after(header, ctx.clock.time()) if header else None
             if hinted is not None:
                 if hinted >= ex.remaining():
                     ex.retries_exhausted = True
@@ -72,7 +94,7 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
         if reply is not None:
             reply.release()
         if delay > 0:
-            await runtime.sleep(delay)
+            await ctx.sleep(delay)
         retries += 1
 
 

@@ -10,23 +10,16 @@ from typing import AsyncIterator
 
 from multidict import CIMultiDict
 
-from sidecar.core.grpc import format_timeout, is_grpc
+from sidecar.grpc_rules import format_timeout, is_grpc
+from sidecar.exchange.calls import MIN_READ_IDLE, redact_url
+from sidecar.exchange.headers import end_to_end
+from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.llm.usage import AnswerScanner, LlmCall, request_shape, scan_body
-from sidecar.pipeline.exchange import Call, Exchange, Reply
 from sidecar.pipeline.grpc import reply_code
-from sidecar.proxy.headers import end_to_end
 from sidecar.telemetry.records import TryRecord
 from sidecar.telemetry.tracecontext import format_traceparent, new_span_id
-from sidecar.transport.client import Response
+from sidecar.exchange.context import UpstreamResponse
 from sidecar.transport.errors import UpstreamFailure, translate
-
-MIN_READ_IDLE = 30.0
-
-
-def redact_url(url) -> str:
-    if url.user or url.password:
-        url = url.with_user(None)
-    return str(url)
 
 
 async def send(ex: Exchange, call: Call) -> Reply:
@@ -50,12 +43,13 @@ async def send(ex: Exchange, call: Call) -> Reply:
         call.headers["grpc-timeout"] = format_timeout(timeout)   # the deadline left, for the upstream
     payload = call.body.payload()
     try:
-        resp = await ex.runtime.transport.send(
+        resp = await ex.ctx.transport.send(
             call.upstream, call.method, url, call.headers, payload, timeout=timeout,
-            read_idle=max(route.timeout, MIN_READ_IDLE), server_hostname=call.server_hostname)
+            read_idle=max(route.timeout, MIN_READ_IDLE), server_hostname=call.server_hostname,
+            guard=ex.egress_guard)
     except UpstreamFailure as failure:
         rec.end_ns = time.time_ns()
-        rec.error_type = failure.kind
+        rec.error_type = failure.kind.value
         raise
     rec.status = resp.status
     if resp.status == 101:               # switched protocols: the listener takes the connection over
@@ -110,7 +104,7 @@ def _llm_shape(ex: Exchange, call: Call) -> LlmCall | None:
     if record.llm_model is None:           # the app's model, before any json_map or translation
         app = request_shape(ex.url.path, ex.body.data) if call.body is not ex.body else llm
         record.llm_model = app.request_model if app is not None else None
-    llm.prices = ex.runtime.policy.llm
+    llm.prices = ex.ctx.policy.llm
     return llm
 
 
@@ -132,7 +126,7 @@ async def _scanned(stream: AsyncIterator[bytes], scanner: AnswerScanner) -> Asyn
         scanner.close()
 
 
-async def _relay(resp: Response, reply: Reply) -> AsyncIterator[bytes]:
+async def _relay(resp: UpstreamResponse, reply: Reply) -> AsyncIterator[bytes]:
     """The upstream body, as it arrives. A cut is raised as `UpstreamFailure("reset")`. HTTP/2
     trailers are on the reply once the body ended."""
     content = resp.content

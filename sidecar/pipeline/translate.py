@@ -15,9 +15,10 @@ from typing import AsyncIterator, Awaitable, Callable
 from multidict import CIMultiDict
 
 from sidecar.llm.translate import TRANSLATIONS, Plan, Refused, StreamTranslator, Translation
-from sidecar.pipeline.body import RequestBody
-from sidecar.pipeline.calls import apply_json_rewrite, make_call
-from sidecar.pipeline.exchange import Call, Exchange, Reply
+from sidecar.exchange.body import RequestBody
+from sidecar.exchange.calls import make_call
+from sidecar.pipeline.calls import apply_json_rewrite
+from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.policy.model import Rewrite, Upstream
 from sidecar.transport.errors import UpstreamFailure
 
@@ -69,7 +70,7 @@ async def translated_reply(ex: Exchange, reply: Reply, tr: Translation, plan: Pl
         headers.popall(name, None)
     streamed = "text/event-stream" in headers.get("content-type", "")
     if reply.status < 400 and streamed and reply.stream is not None:
-        translator = tr.stream(plan, now=int(ex.runtime.clock.time()))
+        translator = tr.stream(plan, now=int(ex.ctx.clock.time()))
         try:
             head = await _head(reply.stream, translator)
         except UpstreamFailure:
@@ -93,12 +94,12 @@ async def translated_reply(ex: Exchange, reply: Reply, tr: Translation, plan: Pl
     if reply.status >= 400:
         status, out = tr.error(reply.status, doc)
     elif streamed:                           # a whole event stream in one read: translated the same way
-        translator = tr.stream(plan, now=int(ex.runtime.clock.time()))
+        translator = tr.stream(plan, now=int(ex.ctx.clock.time()))
         reply.body = translator.feed(data) + translator.end()
         return _failed_before_answer(reply, translator) if translator.failed and not translator.began else reply
     else:
         try:
-            status, out = reply.status, tr.answer(doc, plan, now=int(ex.runtime.clock.time()))
+            status, out = reply.status, tr.answer(doc, plan, now=int(ex.ctx.clock.time()))
         except Refused as exc:
             reply.finish(False)
             return _json(502, tr.error(502, {"error": {"message": f"fallback answer unreadable: {exc.reason}"}})[1],

@@ -15,17 +15,18 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields, replace
 from urllib.parse import urlsplit
 
-from sidecar.core.grpc import encode_message
+from sidecar.grpc_rules import encode_message
 from sidecar.policy import yaml12
 from sidecar.policy.checks import Checker, Path
+from sidecar.policy.conditions import Conditions, parse_when
 from sidecar.policy.dump import policy_data
 from sidecar.policy.errors import PolicyError
 from sidecar.policy.merge import deep_merge
 from sidecar.policy.model import DEFAULT_MAX_TOKENS
 from sidecar.policy.model import (
-    BackoffPolicy, BreakerPolicy, BudgetPolicy, CachePolicy, ConcurrencyPolicy, Conditions, Endpoint,
+    BackoffPolicy, BreakerPolicy, BudgetPolicy, CachePolicy, ConcurrencyPolicy, Endpoint,
     FallbackPolicy, FallbackTarget, FaultAbort, FaultDelay, FaultPolicy, HeaderMatch, HealthCheck,
-    HedgePolicy, Intercept, JsonCondition, JsonMap, Listener, LlmPolicy, Match, OutlierPolicy, Policy, QueuePolicy,
+    HedgePolicy, Intercept, JsonMap, Listener, LlmPolicy, Match, OutlierPolicy, Policy, QueuePolicy,
     RateLimitPolicy, RetryPolicy, Rewrite, Route, SlowCall, SplitTarget, StaticResponse, Telemetry, TlsConfig,
     TracesConfig, Upstream, UpstreamEndpoint, WarmPath,
 )
@@ -288,10 +289,7 @@ class _Builder(Checker):
                            regex=None if regex is None else self.regex(regex, sub + ("regex",)))
 
     def conditions(self, items: list, sub: Path) -> Conditions:
-        names = frozenset(i for i in items if isinstance(i, str))
-        statuses = frozenset(int(i) for i in items if isinstance(i, (int, float)))
-        js = tuple(JsonCondition(_dotted(i["json"]), i["equals"]) for i in items if isinstance(i, dict))
-        return Conditions(names=names, statuses=statuses, json=js)
+        return parse_when(items)             # the schema has checked every item
 
     def retry(self, d: dict | None, sub: Path) -> RetryPolicy | None:
         if d is None:

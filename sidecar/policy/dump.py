@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 
+from sidecar.policy.conditions import Conditions
 from sidecar.policy.model import (
-    BreakerPolicy, CachePolicy, Conditions, FallbackPolicy, FallbackTarget, FaultPolicy, Match, OutlierPolicy, Policy,
+    BreakerPolicy, CachePolicy, FallbackPolicy, FallbackTarget, FaultPolicy, Match, OutlierPolicy, Policy,
     QueuePolicy, RateLimitPolicy,
     RetryPolicy, Rewrite, Route, StaticResponse, Upstream,
 )

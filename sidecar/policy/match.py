@@ -86,7 +86,7 @@ def _values(headers: object, name: str) -> list[str]:
         return []
     getall = getattr(headers, "getall", None)
     if getall is not None:                   # multidict: every value of a repeated header
-        return getall(name, [])
+        return list(getall(name, []))
     value = headers.get(name)                # type: ignore[attr-defined]
     return [] if value is None else [value]
 

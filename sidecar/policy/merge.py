@@ -16,7 +16,7 @@ def deep_merge(base: object, over: object) -> object:
     return merged
 
 
-def has_path(data: object, path: tuple) -> bool:
+def has_path(data: object, path: tuple[str | int, ...]) -> bool:
     """Whether `path` (mapping keys and list indices) leads to a value in `data`."""
     for part in path:
         if isinstance(data, dict) and isinstance(part, str) and part in data:

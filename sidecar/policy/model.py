@@ -9,45 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from sidecar.policy.conditions import Conditions, Outcome
 
 ListenerMode = Literal["proxy", "reverse", "transparent"]
 Unmatched = Literal["passthrough", "deny"]
-
-# Outcome names usable in `retry.when`, `fallback.when` and `queue.when`, beside status codes and the
-# classes `5xx` / `4xx` / `gateway-error` (502, 503, 504).
-OUTCOME_NAMES = frozenset({
-    "connect-failure", "reset", "timeout", "breaker-open", "retries-exhausted", "concurrency-full",
-    "rate-limited", "5xx", "4xx", "gateway-error", "upstream-unhealthy", "protocol-error",
-})
-
-
-@dataclass(frozen=True, slots=True)
-class JsonCondition:
-    """`{json: "error.type", equals: "overloaded_error"}`: a dotted path into a JSON response body."""
-    path: tuple[str, ...]
-    equals: object
-
-
-@dataclass(frozen=True, slots=True)
-class Conditions:
-    """A parsed `when:` list: named outcomes, exact statuses and status classes."""
-    names: frozenset[str] = frozenset()
-    statuses: frozenset[int] = frozenset()
-    json: tuple[JsonCondition, ...] = ()
-
-    def matches_status(self, status: int) -> bool:
-        if status in self.statuses:
-            return True
-        if status >= 500 and "5xx" in self.names:
-            return True
-        if 400 <= status < 500 and "4xx" in self.names:
-            return True
-        return status in (502, 503, 504) and "gateway-error" in self.names
-
-    def has(self, name: str) -> bool:
-        return name in self.names
-
 
 @dataclass(frozen=True, slots=True)
 class Intercept:
@@ -209,7 +176,7 @@ class BackoffPolicy:
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     max_retries: int = 2
-    when: Conditions = Conditions(names=frozenset({"connect-failure", "reset"}),
+    when: Conditions = Conditions(outcomes=frozenset({Outcome.CONNECT_FAILURE, Outcome.RESET}),
                                   statuses=frozenset({502, 503, 504}))
     methods: frozenset[str] | None = None     # None: idempotent methods (+ Idempotency-Key)
     backoff: BackoffPolicy = BackoffPolicy()
@@ -418,6 +385,16 @@ class Policy:
     state_dir: str
     source: str                            # the file it came from
     digest: str                            # short content hash: the policy version on spans and /status
-    redacted: dict                         # the effective policy as plain data, secrets replaced, for /config
+    redacted: dict[str, Any]               # the effective policy as plain data, secrets replaced, for /config
     secrets: tuple[str, ...] = ()          # every expanded ${VAR} value, for log/trace scrubbing
     llm: LlmPolicy = LlmPolicy()
+
+    @property
+    def all_routes(self) -> tuple[Route, ...]:
+        """Every route, `defaults` (the passthrough route) last."""
+        return (*self.routes, self.defaults)
+
+    @property
+    def queues_writes(self) -> bool:
+        """Does any route, `defaults` included, store and forward writes (`queue:`)?"""
+        return any(r.queue is not None for r in self.all_routes)

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from sidecar.core.decisions import Decision
-from sidecar.pipeline.exchange import record_decision
+from sidecar.core.breaker import transition_decision
+from sidecar.exchange.context import Context
+from sidecar.exchange.records import request_record
+from sidecar.exchange.types import record_decision
 from sidecar.policy.model import Route
 from sidecar.proxy.relay import Relay
 from sidecar.telemetry.records import RequestRecord, TryRecord
-from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
+from sidecar.telemetry.tracecontext import new_span_id
 from sidecar.transport.egress import EgressRefused
 
 CONNECT_TIMEOUT = 5.0
@@ -52,13 +55,11 @@ def deny(gen, host: str, port: int, kind: str, listener: str, refusal: Refusal) 
     finish(gen, record)
 
 
-def new_record(gen, route: str, host: str, port: int, kind: str, listener: str) -> RequestRecord:
+def new_record(gen: Context, route: str, host: str, port: int, kind: str, listener: str) -> RequestRecord:
     name = f"{host}:{port}"
-    trace_id = new_trace_id()
-    return RequestRecord(trace_id=trace_id, span_id=new_span_id(), parent_span_id=None, caller_sampled=False,
-                         tracestate=None, route=route, upstream=name, method=kind.upper(), url=name,
-                         listener=listener, policy_version=gen.policy.digest, start_ns=time.time_ns(),
-                         sampled=gen.head_sampler(trace_id, None, False), relayed=kind)
+    record = request_record(gen, route=route, listener=listener, method=kind.upper(), url=name, upstream=name)
+    record.relayed = kind
+    return record
 
 
 async def open_relayed(gen, route: Route, record: RequestRecord, host: str, port: int, relay: Relay,
@@ -94,7 +95,8 @@ async def open_relayed(gen, route: Route, record: RequestRecord, host: str, port
         if breaker is not None:
             transition = breaker.record(False, gen.clock.monotonic() - started)
             if transition is not None and transition.new.value == "open":
-                record_decision(gen.sink, record, Decision.BREAKER_OPENED, transition.reason, upstream=name)
+                record_decision(gen.sink, record, transition_decision(transition), transition.reason,
+                                upstream=name)
         record.status = 502
         record.error_type = try_rec.error_type
         return Refusal(502, f"connect to {name} failed: {try_rec.error_type}")

@@ -33,15 +33,23 @@ import re
 import time
 
 from aiohttp import web
-from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
+from sidecar.aiohttp_private import (
+    EMPTY_PAYLOAD,
+    ErrInfo,
+    RequestHandler,
+    answer_in_version,
+    server_settings,
+)
+from sidecar.exchange.replies import JSON, error_body
 from sidecar.telemetry.redact import redact
 
 log = logging.getLogger("sidecar.guard")
 
+# aiohttp's request parser limits (RFC 9110 gives none; nginx's defaults are 8 KiB lines).
+SERVER_LIMITS = dict(max_line_size=8190, max_field_size=8190, max_headers=128)
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 75.0
 MAX_HEADER_BYTES = 64 * 1024
@@ -80,10 +88,11 @@ class _LogBudget:
 _budget = _LogBudget()
 
 
-def fault_status(exc: BaseException | None, status: int, request_line_too_long: bool) -> int:
-    """The status for a request the parser refused."""
+def fault_status(exc: BaseException | None, status: int) -> int:
+    """The status for a request the parser refused. A line too long was told apart when it was read
+    (`GuardedRequestHandler._settle_refusal`): 414 for the request line, 431 for a header line."""
     if isinstance(exc, LineTooLong):
-        return 414 if request_line_too_long else 431
+        return status if status in (414, 431) else 431
     if isinstance(exc, BadHttpMessage) and str(exc.message).startswith("Too many headers"):
         return 431
     if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
@@ -106,8 +115,7 @@ def fault_reason(exc: BaseException | None, status: int) -> str:
 
 
 def error_response(status: int, reason: str) -> web.Response:
-    body = json.dumps({"error": reason, "route": None, "decisions": []}).encode()
-    resp = web.Response(status=status, body=body, content_type="application/json")
+    resp = web.Response(status=status, body=error_body(reason), content_type=JSON)
     resp.force_close()
     return resp
 
@@ -130,8 +138,9 @@ class GuardedRequestHandler(RequestHandler):
         self._header_bytes = 0            # of the request being read (line + headers)
         self._line_bytes = 0              # of its request line, until the first LF
         self._line_done = False
+        self._line_tail = b""             # the end of the request line read so far (its version)
         self._body = None                 # payload of the last request whose headers completed
-        self._long_line = False           # was the refused request's line over max_line_size?
+        self._refused_version: HttpVersion | None = None   # the refused request's, when its line was read
         self._linger = None               # the timer that ends a lingering close
 
     # -- reading --------------------------------------------------------------------------------
@@ -162,10 +171,11 @@ class GuardedRequestHandler(RequestHandler):
         if self._request_count != before:          # a request's headers completed (or it was refused)
             if in_body or self._header_bytes > self._max_header_bytes:
                 self._cap_completed(queued)         # else every head in this read is under the cap
+            self._settle_refusal(queued)
             self._body = self._messages[-1][1] if self._messages else None
-            self._long_line = self._line_bytes > self.max_line_size   # for handle_error, which comes later
             self._header_bytes = self._line_bytes = 0
             self._line_done = False
+            self._line_tail = b""
             self._disarm()
         elif data and not in_body and not self._upgraded:
             if self._header_bytes > self._max_header_bytes:
@@ -173,14 +183,41 @@ class GuardedRequestHandler(RequestHandler):
             elif self._header_timer is None:
                 self._arm()
 
+    def _settle_refusal(self, first: int) -> None:
+        """A request the parser refused in this read gets its status and version now, from what this
+        read measured, and nothing after it is parsed: a later read (more of the same long header)
+        must not be taken for a new request line and turn a 431 into a 414 before the answer is out."""
+        for i in range(first, len(self._messages)):
+            message, payload = self._messages[i]
+            if not isinstance(message, ErrInfo):
+                continue
+            line_read = self._line_done and self._line_bytes <= self.max_line_size
+            if isinstance(message.exc, LineTooLong):
+                status = 431 if line_read else 414
+                self._messages[i] = (ErrInfo(status=status, exc=message.exc, message=message.message), payload)
+            self._refused_version = self._line_version() if line_read else None
+            while len(self._messages) > i + 1:     # a deque
+                self._messages.pop()
+            self._close = True            # data_received reads nothing more; the refusal closes
+            return
+
+    def _line_version(self) -> HttpVersion | None:
+        tail = self._line_tail.rstrip(b"\r")
+        if tail.endswith(b" HTTP/1.1"):
+            return HttpVersion11
+        if tail.endswith(b" HTTP/1.0"):
+            return HttpVersion10
+        return None
+
     def _cap_completed(self, first: int) -> None:
         """A head that arrived in one read is measured whole: over the cap, it becomes a 431."""
         for i in range(first, len(self._messages)):
             message, _ = self._messages[i]
-            if isinstance(message, _ErrInfo) or _head_size(message) <= self._max_header_bytes:
+            if isinstance(message, ErrInfo) or _head_size(message) <= self._max_header_bytes:
                 continue
             exc = HeadersTooLarge("request header fields too large")
-            self._messages[i] = (_ErrInfo(status=431, exc=exc, message=exc.message), EMPTY_PAYLOAD)
+            self._messages[i] = (ErrInfo(status=431, exc=exc, message=exc.message), EMPTY_PAYLOAD)
+            self._refused_version = message.version
             while len(self._messages) > i + 1:     # nothing after it is served: the connection closes
                 self._messages.pop()
             self._close = True
@@ -195,8 +232,10 @@ class GuardedRequestHandler(RequestHandler):
         end = data.find(b"\n")
         if end < 0:
             self._line_bytes += len(data)
+            self._line_tail = (self._line_tail + data[-16:])[-16:]
         else:
             self._line_bytes += end
+            self._line_tail = (self._line_tail + data[max(0, end - 16):end])[-16:]
             self._line_done = True
 
     def _arm(self, since: float | None = None) -> None:
@@ -223,7 +262,9 @@ class GuardedRequestHandler(RequestHandler):
         self._close = True                # data_received ignores anything further
         if not idle:
             return                        # a pipelined response is being written: close after it
-        self._messages.append((_ErrInfo(status=status, exc=exc, message=str(exc.message)), EMPTY_PAYLOAD))
+        if self._line_done and self._line_bytes <= self.max_line_size:
+            self._refused_version = self._line_version()
+        self._messages.append((ErrInfo(status=status, exc=exc, message=str(exc.message)), EMPTY_PAYLOAD))
         self._request_count += 1
         self._waiter.set_result(None)
 
@@ -236,8 +277,10 @@ class GuardedRequestHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)   # a handler bug: aiohttp's 500
         if request.writer.output_size > 0:
             raise ConnectionError("response already started, cannot send the error")
-        status = fault_status(exc, status, self._long_line)
+        status = fault_status(exc, status)
         reason = fault_reason(exc, status)
+        if self._refused_version is not None:
+            answer_in_version(request, self._refused_version)   # else HTTP/1.0: the line was not read
         ok, dropped = _budget.take()
         if ok:
             peer = self.peername[0] if isinstance(self.peername, tuple) else self.peername
@@ -281,7 +324,7 @@ class GuardedServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(self, loop=self._loop, header_timeout=self.header_timeout,
-                                     max_header_bytes=self.max_header_bytes, **self._kwargs)
+                                     max_header_bytes=self.max_header_bytes, **server_settings(self))
 
 
 # RFC 3986 §3.2.2 host (IP-literal or reg-name, no userinfo) and an optional port; empty is allowed.
@@ -333,4 +376,4 @@ class GuardedAppRunner(web.AppRunner):
         plain = await super()._make_server()
         return GuardedServer(plain.request_handler, request_factory=plain.request_factory,
                              handler_cancellation=plain.handler_cancellation,
-                             **plain._kwargs)  # noqa: SLF001 - the runner's own server settings
+                             **server_settings(plain))

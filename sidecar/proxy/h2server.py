@@ -298,7 +298,7 @@ def serve_sniffed(conn: Sniffed) -> H2Server:
         handler: ListenerHandler = InterceptedHandler(runtime, conn.listener, conn.server_name,
                                                       conn.server_port or 443)
     else:
-        handler = ListenerHandler(runtime, conn.listener)
+        handler = ListenerHandler(runtime.current, conn.listener)
     h2 = H2Server(handler.serve)
     connections = getattr(runtime, "h2_connections", None)
     if connections is not None:

@@ -18,10 +18,11 @@ from aiohttp import web
 from yarl import URL
 
 from sidecar.policy.model import Intercept, Listener
+from sidecar.exchange.replies import json_error
 from sidecar.proxy import sniff
 from sidecar.proxy.certs import Authority, Leaves
-from sidecar.proxy.guard import GuardedServer
-from sidecar.proxy.server import ListenerHandler, _origin_form, json_error
+from sidecar.proxy.guard import SERVER_LIMITS, GuardedServer
+from sidecar.proxy.server import ListenerHandler, _origin_form
 from sidecar.proxy.takeover import serve_tls
 
 log = logging.getLogger("sidecar.intercept")
@@ -33,7 +34,7 @@ class InterceptedHandler(ListenerHandler):
     `https://HOST:PORT` of the CONNECT."""
 
     def __init__(self, runtime, listener: Listener, host: str, port: int) -> None:
-        super().__init__(runtime, listener)
+        super().__init__(runtime.current, listener)
         self.host, self.port = host, port
 
     def _target(self, gen, request: web.BaseRequest):
@@ -75,7 +76,6 @@ class Interceptor:
                     first: bytes = b"") -> None:
         """Be the TLS server for `host` on `transport` (whose ClientHello may be in `first`), then serve
         the decrypted requests until the connection closes."""
-        from sidecar.runtime import SERVER_LIMITS      # import cycle: the runtime builds listeners
         server = _OneConnection(InterceptedHandler(self.runtime, listener, host, port), access_log=None,
                                 **SERVER_LIMITS)
         loop = asyncio.get_running_loop()

@@ -10,67 +10,45 @@ and the decisions. Never a bare 500, a traceback or a hang.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
-from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.core.decisions import Decision
-from sidecar.core.grpc import parse_timeout
-from sidecar.pipeline.body import read_body
-from sidecar.pipeline.calls import make_call
-from sidecar.pipeline.exchange import Degraded, Exchange, Reply, record_decision
+from sidecar.aiohttp_private import new_response
+from sidecar.grpc_rules import parse_timeout
+from sidecar.exchange.body import read_body
+from sidecar.exchange.calls import make_call, redact_url
+from sidecar.exchange.context import Context
+from sidecar.exchange.headers import end_to_end
+from sidecar.exchange.records import request_record
+from sidecar.exchange.replies import json_error
+from sidecar.exchange.types import Degraded, Exchange, Reply, record_decision
 from sidecar.pipeline.fallback import Failure
 from sidecar.pipeline.grpc import as_grpc, is_grpc_request, reply_code
 from sidecar.policy.model import Listener, Route
 from sidecar.proxy.guard import refusal
-from sidecar.proxy.headers import end_to_end
 from sidecar.proxy.original_dst import original_destination
 from sidecar.proxy.tunnel import tunnel
 from sidecar.proxy.upgrade import relay_upgraded, request_headers, upgrade_token
 from sidecar.telemetry.records import RequestRecord
-from sidecar.telemetry.tracecontext import new_span_id, new_trace_id, parse_traceparent
-from sidecar.transport.egress import EGRESS_GUARD, refused_target
+from sidecar.telemetry.tracecontext import parse_traceparent
+from sidecar.transport.egress import refused_target
 from sidecar.transport.errors import UpstreamFailure
 
 log = logging.getLogger("sidecar.proxy")
 
-# A route that no feature needs to replay streams its body from the first byte.
-NO_REPLAY_LIMIT = 0
-DEFAULT_REPLAY_LIMIT = 64 * 1024
-
-
-
-def replay_limit(route: Route) -> int:
-    if route.retry is not None:
-        return route.retry.max_body
-    if route.fallback is not None or route.hedge is not None or route.queue is not None \
-            or (route.cache is not None and "body" in route.cache.key) \
-            or (route.rate_limit is not None and route.rate_limit.tokens_per_minute is not None):
-        return DEFAULT_REPLAY_LIMIT
-    return NO_REPLAY_LIMIT
-
-
-def json_error(status: int, error: str, route: str | None, decisions: list[str],
-               extra: dict | None = None) -> Reply:
-    doc = {"error": error, "route": route, "decisions": decisions}
-    if extra:
-        doc.update(extra)
-    return Reply(status=status, headers=CIMultiDict({"content-type": "application/json"}),
-                 upstream="sidecar", body=json.dumps(doc).encode())
-
-
 class ListenerHandler:
-    """One per listener; reads the runtime's current generation for every request."""
+    """One per listener; reads the running generation (`current()`) for every request."""
 
     checks_requests = True               # GuardedServer: `refusal` is called here, not wrapped around
 
-    def __init__(self, runtime, listener: Listener) -> None:
-        self.runtime = runtime
+    def __init__(self, current: Callable[[], Context], listener: Listener) -> None:
+        self.current = current
         self.listener = listener
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -93,7 +71,7 @@ class ListenerHandler:
             return await self._write_plain(request, reply)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        gen = self.runtime.gen
+        gen = self.current()
         mode = self.listener.mode
         if request.method == "CONNECT":
             if mode != "proxy":
@@ -112,15 +90,16 @@ class ListenerHandler:
             if gen.policy.unmatched == "deny":
                 return await self._deny(gen, request, url)
             route = gen.policy.defaults
+        guard = None
         if mode == "proxy" and not route.allow_internal:
             internal = refused_target(url.host or "", url.port, gen.own_ports)
             if internal is not None:
                 return await self._write_plain(request, json_error(
                     403, f"{internal}; a route must allow_internal", route.name, []))
-            EGRESS_GUARD.set(frozenset(gen.own_ports))   # host names: checked again on every DNS answer
-        return await self._exchange(gen, request, route, url, upstream_name, connect_to)
+            guard = gen.own_ports            # host names: checked again on every DNS answer
+        return await self._exchange(gen, request, route, url, upstream_name, connect_to, guard)
 
-    def _target(self, gen, request: web.BaseRequest) -> tuple[URL, str | None, tuple | None] | Reply:
+    def _target(self, gen: Context, request: web.BaseRequest) -> tuple[URL, str | None, tuple | None] | Reply:
         """(URL as the app meant it, reverse listener's upstream, transparent mode's original destination)."""
         mode = self.listener.mode
         if mode == "proxy":
@@ -148,7 +127,7 @@ class ListenerHandler:
         except ValueError:
             return json_error(400, "bad Host header", None, [])
 
-    async def _deny(self, gen, request, url: URL) -> web.StreamResponse:
+    async def _deny(self, gen: Context, request, url: URL) -> web.StreamResponse:
         rec = _record(gen, request, "unmatched", self.listener.name, url)
         record_decision(gen.sink, rec, Decision.UNMATCHED_DENIED,
                         f"no route matches {request.method} {url.host}{url.path}")
@@ -159,8 +138,9 @@ class ListenerHandler:
         gen.sink.request_finished(rec)
         return await self._write_plain(request, reply)
 
-    async def _exchange(self, gen, request: web.BaseRequest, route: Route, url: URL,
-                        upstream_name: str | None, connect_to: tuple | None) -> web.StreamResponse:
+    async def _exchange(self, gen: Context, request: web.BaseRequest, route: Route, url: URL,
+                        upstream_name: str | None, connect_to: tuple | None,
+                        guard: frozenset[int] | None) -> web.StreamResponse:
         state = gen.states[route.name]
         name = route.upstream or upstream_name          # the route's, else the reverse listener's
         if route.split:                                 # a weighted traffic split: one upstream per request
@@ -185,9 +165,9 @@ class ListenerHandler:
             caller = parse_timeout(request.headers.get("grpc-timeout"))
             if caller is not None and caller < timeout:
                 timeout = caller
-        ex = Exchange(route=route, state=state, runtime=gen, method=request.method, url=url,
+        ex = Exchange(route=route, state=state, ctx=gen, method=request.method, url=url,
                       headers=headers, body=body,
-                      deadline=gen.clock.monotonic() + timeout, record=record)
+                      deadline=gen.clock.monotonic() + timeout, record=record, egress_guard=guard)
         ex.connect_to = connect_to
         call = make_call(ex, upstream)
         handler = (gen.handlers if token is None else gen.upgrade_handlers)[route.name]
@@ -209,12 +189,12 @@ class ListenerHandler:
         if ex.remaining() <= 0 and status != 429:
             status = 504
         reply = json_error(status, failure.reason, ex.route.name, [d.decision.value for d in ex.record.decisions])
-        reply.upstream = failure.outcome
+        reply.upstream = failure.label
         if failure.retry_after is not None:
             reply.headers["retry-after"] = str(max(1, round(failure.retry_after + 0.499)))
-        ex.record.error_type = failure.outcome
+        ex.record.error_type = failure.label
         if is_grpc_request(ex.headers):               # a gRPC status, not an HTTP error page
-            reply = as_grpc(reply, failure.outcome, failure.reason)
+            reply = as_grpc(reply, failure.label, failure.reason)
         return reply
 
     async def _write(self, request: web.BaseRequest, ex: Exchange, reply: Reply) -> web.StreamResponse:
@@ -253,7 +233,7 @@ class ListenerHandler:
                 code = reply_code(reply)
                 record.grpc_status = int(code) if code is not None else None
             record.end_ns = time.time_ns()
-            ex.runtime.sink.request_finished(record)
+            ex.ctx.sink.request_finished(record)
 
     async def _write_plain(self, request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
         if is_grpc_request(request.headers) and reply.upstream == "sidecar":
@@ -285,22 +265,13 @@ def _origin_form(raw: str) -> str:
 _H2_DONE = web.StreamResponse()             # what `serve` returns for an HTTP/2 stream (unused)
 
 
-class _CoalescedResponse(web.StreamResponse):
-    """Headers leave with the first body bytes in one send(), as aiohttp's own `web.Response` does,
-    instead of in a write of their own: one syscall less per answer. Used only when the length is
-    known, so a stream of unknown length (SSE, chunked) still shows its headers at once."""
-    _send_headers_immediately = False
-
-
 async def _send_reply(request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
     if not isinstance(request, web.BaseRequest):     # an HTTP/2 stream writes its own frames
         await request.send_reply(reply)
         return _H2_DONE
     known_length = reply.body is not None or "content-length" in reply.headers
-    # The reply's headers are ours alone by now: handed over, not copied (aiohttp's own Response
-    # does the same with this parameter).
-    resp = (_CoalescedResponse if known_length else web.StreamResponse)(status=reply.status,
-                                                                        _real_headers=reply.headers)
+    # The reply's headers are ours alone by now: handed over, not copied.
+    resp = new_response(reply.status, reply.headers, coalesce=known_length)
     if reply.body is not None:
         resp.content_length = len(reply.body)
         await resp.prepare(request)
@@ -333,15 +304,7 @@ def _abort(request: web.BaseRequest) -> None:
         transport.abort()
 
 
-def _record(gen, request: web.BaseRequest, route: str, listener: str, url: URL) -> RequestRecord:
-    parent = parse_traceparent(request.headers.get("traceparent", ""))
-    if parent is None:
-        trace_id, parent_id, sampled = new_trace_id(), None, False
-    else:
-        trace_id, parent_id, sampled = parent
-    return RequestRecord(
-        trace_id=trace_id, span_id=new_span_id(), parent_span_id=parent_id, caller_sampled=sampled,
-        tracestate=request.headers.get("tracestate"), route=route, upstream=None, method=request.method,
-        url=str(url.with_user(None)) if url.user else str(url), listener=listener,
-        policy_version=gen.policy.digest, start_ns=time.time_ns(),
-        sampled=gen.head_sampler(trace_id, parent_id, sampled))
+def _record(gen: Context, request: web.BaseRequest, route: str, listener: str, url: URL) -> RequestRecord:
+    return request_record(gen, route=route, listener=listener, method=request.method, url=redact_url(url),
+                          parent=parse_traceparent(request.headers.get("traceparent", "")),
+                          tracestate=request.headers.get("tracestate"))

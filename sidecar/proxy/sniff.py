@@ -46,7 +46,7 @@ log = logging.getLogger("sidecar.sniff")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_SNIFF = 64 * 1024 + 16           # a ClientHello may be this large; past it, decide with what we have
-MAX_REQUEST_LINE = 8190              # the HTTP/1 server's own limit (runtime.SERVER_LIMITS)
+MAX_REQUEST_LINE = 8190              # the HTTP/1 server's own limit (guard.SERVER_LIMITS)
 # RFC 9112 §3: method SP request-target SP HTTP-version CRLF (a bare LF is tolerated, §2.2).
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.[0-9]\r?\n")
 _REQUEST_PREFIX = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}( [^ \r\n]*( (H(T(T(P(/(1(\.([0-9]\r?)?)?)?)?)?)?)?)?)?)?")

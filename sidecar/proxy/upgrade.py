@@ -19,10 +19,10 @@ import time
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
-from aiohttp.http_writer import _serialize_headers   # aiohttp's C serializer; rejects CR/LF in headers
 from multidict import CIMultiDict
 
-from sidecar.proxy.headers import end_to_end
+from sidecar.aiohttp_private import serialize_headers
+from sidecar.exchange.headers import end_to_end
 from sidecar.proxy.relay import Relay
 from sidecar.proxy.takeover import app_released, app_tail, app_transport, upstream_takeover
 
@@ -75,7 +75,7 @@ async def relay_upgraded(gen, listener, request: web.BaseRequest, ex, reply, tok
         if degraded:
             headers["x-sidecar-degraded"] = ",".join(degraded)
         app = app_transport(request)
-        app.write(_serialize_headers(f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}", headers))
+        app.write(serialize_headers(f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}", headers))
         relay.attach_upstream(upstream, first_down)
         relay.attach_app(app, app_tail(request))
         if is_websocket(token):

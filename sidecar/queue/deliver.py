@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.core.breaker import CircuitBreaker
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.retry import parse_retry_after
-from sidecar.pipeline.calls import host_header, upstream_url
-from sidecar.pipeline.send import MIN_READ_IDLE, redact_url
+from sidecar.exchange.calls import MIN_READ_IDLE, host_header, redact_url, upstream_url
+from sidecar.exchange.context import Context
+from sidecar.exchange.records import request_record
 from sidecar.policy.model import Policy, Route, Upstream
 from sidecar.queue.store import Item
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import format_traceparent, new_span_id, new_trace_id
-from sidecar.transport.egress import EGRESS_GUARD
 from sidecar.transport.errors import UpstreamFailure
 
 # 408 and 429 say "not now" rather than "never": the write is tried again. Any other 4xx is the
@@ -52,27 +53,27 @@ TRANSITION = {"open": Decision.BREAKER_OPENED, "half_open": Decision.BREAKER_HAL
               "closed": Decision.BREAKER_CLOSED}
 
 
-def route_breaker(runtime, route: str, target: str):
-    state = runtime.gen.states.get(route)
+def route_breaker(ctx: Context, route: str, target: str) -> CircuitBreaker | None:
+    state = ctx.states.get(route)
     return state.breaker(target) if state is not None else None
 
 
-def blocked(runtime, route: str, target: str, next_at: float) -> str | None:
+def blocked(ctx: Context, route: str, target: str, next_at: float) -> str | None:
     """Why a stored write to `target` may not be sent now, or None. Admitting through the breaker goes
     last: it takes a half-open probe slot, which the caller then always gives back (record or release)."""
-    if runtime.clock.monotonic() < next_at:
+    if ctx.clock.monotonic() < next_at:
         return "backoff after a failed attempt"
-    health = runtime.health.get(target)
+    health = ctx.health.get(target)
     if health is not None and not health.healthy:
         return f"upstream {target} failing its health check"
-    breaker = route_breaker(runtime, route, target)
+    breaker = route_breaker(ctx, route, target)
     if breaker is not None:
         admitted, transition = breaker.admit()
         if transition is not None:
-            runtime.sink.decision(DecisionRecord(
+            ctx.sink.decision(DecisionRecord(
                 decision=TRANSITION[transition.new.value], route=route, upstream=target,
                 reason=f"{transition.reason} (queue delivery)", at=time.time(),
-                breaker_state=transition.new.value, policy_version=runtime.gen.policy.digest))
+                breaker_state=transition.new.value, policy_version=ctx.policy.digest))
         if not admitted:
             return f"circuit breaker for {target} is {breaker.state.value}"
     return None
@@ -104,11 +105,10 @@ def build_request(policy: Policy, item: Item) -> Request | None:
     return Request(up, url, headers, hostname)
 
 
-async def attempt(runtime, item: Item, request: Request, route: Route | None,
+async def attempt(ctx: Context, item: Item, request: Request, route: Route | None,
                   resend_count: int) -> tuple[Outcome, RequestRecord]:
     """Send `item` once under `route`'s timeouts (None: the route left the policy). Never raises for
     an upstream failure: the outcome says what happened."""
-    gen = runtime.gen
     timeout = DEFAULT_TIMEOUT
     if route is not None:
         timeout = route.per_try_timeout if route.per_try_timeout is not None else route.timeout
@@ -116,26 +116,24 @@ async def attempt(runtime, item: Item, request: Request, route: Route | None,
     try_rec = TryRecord(span_id=new_span_id(), upstream=item.target, method=item.method,
                         url=redact_url(url), server_address=url.host or "", server_port=url.port or 0,
                         start_ns=time.time_ns(), resend_count=resend_count)
-    trace_id = item.trace_id or new_trace_id()
-    record = RequestRecord(
-        trace_id=trace_id, span_id=new_span_id(), parent_span_id=item.span_id,
-        caller_sampled=True, tracestate=None, route=item.route, upstream=item.target, method=item.method,
-        url=try_rec.url, listener="queue", policy_version=gen.policy.digest, start_ns=try_rec.start_ns,
-        attempts=1, tries=[try_rec], sampled=gen.head_sampler(trace_id, item.span_id, True))
+    record = request_record(ctx, route=item.route, listener="queue", method=item.method, url=try_rec.url,
+                            parent=(item.trace_id or new_trace_id(), item.span_id, True),
+                            upstream=item.target, tries=[try_rec], start_ns=try_rec.start_ns)
+    record.attempts = 1
     headers = request.headers
     headers["traceparent"] = format_traceparent(record.trace_id, try_rec.span_id, record.sampled)
-    clock = runtime.clock
+    clock = ctx.clock
     started = clock.monotonic()
     # A write to its original destination keeps the egress guard it had when accepted (a name that
     # resolves to metadata or to the sidecar must not get through later, from the queue).
-    guard = EGRESS_GUARD.set(frozenset(gen.own_ports)) if request.upstream is None and not (
+    guard = ctx.own_ports if request.upstream is None and not (
         route is not None and route.allow_internal) else None
     try:
-        resp = await runtime.transport.send(
+        resp = await ctx.transport.send(
             request.upstream, item.method, url, headers, item.body, timeout=timeout,
-            read_idle=max(timeout, MIN_READ_IDLE), server_hostname=request.server_hostname)
+            read_idle=max(timeout, MIN_READ_IDLE), server_hostname=request.server_hostname, guard=guard)
     except UpstreamFailure as failure:
-        try_rec.error_type = record.error_type = failure.kind
+        try_rec.error_type = record.error_type = failure.kind.value
         outcome = Outcome(False, None, failure.kind, elapsed=clock.monotonic() - started)
     else:
         status = resp.status
@@ -149,9 +147,6 @@ async def attempt(runtime, item: Item, request: Request, route: Route | None,
         done = finished(status)
         outcome = Outcome(done, status, None if done else str(status), retry_after,
                           clock.monotonic() - started)
-    finally:
-        if guard is not None:
-            EGRESS_GUARD.reset(guard)
     try_rec.end_ns = record.end_ns = time.time_ns()
     return outcome, record
 

@@ -23,15 +23,18 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from multidict import CIMultiDict
 
+from sidecar.core.breaker import Transition, transition_decision
 from sidecar.core.clock import SYSTEM_CLOCK
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.retry import Backoff
-from sidecar.pipeline.calls import upstream_url
-from sidecar.pipeline.exchange import Exchange, Reply
+from sidecar.exchange.calls import upstream_url
+from sidecar.exchange.context import Context
+from sidecar.exchange.types import Exchange, Reply
 from sidecar.policy.model import BackoffPolicy, Policy, Route
 from sidecar.queue import deliver
 from sidecar.queue.store import IndexRow, NewItem, Store
@@ -46,9 +49,6 @@ LISTING_LIMIT = 1000
 
 # Never stored: recomputed per delivery (length, trace context) or meaningless later (expect).
 _NOT_STORED = frozenset({"content-length", "traceparent", "tracestate", "expect"})
-
-_TRANSITION = {"open": Decision.BREAKER_OPENED, "half_open": Decision.BREAKER_HALF_OPEN,
-               "closed": Decision.BREAKER_CLOSED}
 
 
 class Entry:
@@ -65,10 +65,6 @@ class Entry:
         self.backoff: Backoff | None = None
 
 
-def queues_writes(policy: Policy) -> bool:
-    return any(r.queue is not None for r in (*policy.routes, policy.defaults))
-
-
 def find_route(policy: Policy, name: str) -> Route | None:
     if policy.defaults.name == name:
         return policy.defaults
@@ -78,7 +74,7 @@ def find_route(policy: Policy, name: str) -> Route | None:
 def new_item(ex: Exchange, now: float, max_age: float) -> NewItem:
     """What a store keeps of a write: the app's request as sent (minus what is recomputed per delivery),
     where it was going, and an Idempotency-Key (the app's, or a new UUID added to its headers)."""
-    gen = ex.runtime
+    gen = ex.ctx
     path = ex.url.raw_path_qs or "/"
     name = ex.route.upstream
     if name is None:                     # a reverse listener's upstream, as the listener chose it
@@ -121,7 +117,7 @@ class DurableQueue:
         self._waiting: dict[str, str] = {}   # route -> why its head is not being sent
         self._full: set[str] = set()         # routes at max_items, logged once until they drain
         self._workers: dict[str, asyncio.Task] = {}
-        self._runtime = None
+        self._current: Callable[[], Context] | None = None   # the running generation
         self._clock = SYSTEM_CLOCK
         self._closed = False
 
@@ -140,13 +136,18 @@ class DurableQueue:
             log.info("queue: %d write(s) waiting in %s from before the restart", len(rows), store.path)
         return cls(store, executor, rows)
 
-    def start(self, runtime) -> None:
-        """Begin delivering; `runtime` gives the current policy, transport, breakers, clock and sinks."""
-        self._runtime = runtime
-        self._clock = runtime.clock
+    def start(self, current: Callable[[], Context]) -> None:
+        """Begin delivering; `current()` is the running generation: policy, transport, breakers, clock,
+        sinks (read on each use, so a reload applies to writes already waiting)."""
+        self._current = current
+        self._clock = current().clock
         for route, entries in self._routes.items():
             if entries:
                 self._ensure_worker(route)
+
+    def _ctx(self) -> Context:
+        assert self._current is not None, "start() first"
+        return self._current()
 
     async def _db(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -156,7 +157,7 @@ class DurableQueue:
         """Store the write and answer 202, or None (the chain goes on) when it cannot be queued."""
         route = ex.route
         policy = route.queue
-        if policy is None or self._closed or self._runtime is None:
+        if policy is None or self._closed or self._current is None:
             return None
         if not ex.body.replayable:
             log.debug("queue: %s %s on route %s not queued: its body is larger than the route's replay "
@@ -200,7 +201,7 @@ class DurableQueue:
 
     # -- delivering --------------------------------------------------------------------------------
     def _ensure_worker(self, route: str) -> None:
-        if route not in self._workers and not self._closed and self._runtime is not None:
+        if route not in self._workers and not self._closed and self._current is not None:
             self._workers[route] = asyncio.get_running_loop().create_task(self._work(route),
                                                                           name=f"queue:{route}")
 
@@ -216,7 +217,7 @@ class DurableQueue:
                 why = self._blocked(route, head)
                 if why is not None:
                     self._waiting[route] = why
-                    await self._runtime.sleep(POLL)
+                    await self._ctx().sleep(POLL)
                     continue
                 self._waiting.pop(route, None)
                 await self._deliver(route, head)
@@ -234,7 +235,7 @@ class DurableQueue:
             self._waiting.pop(route, None)
 
     def _max_age(self, route: str, entry: Entry) -> float:
-        current = find_route(self._runtime.gen.policy, route)
+        current = find_route(self._ctx().policy, route)
         return current.queue.max_age if current is not None and current.queue is not None else entry.max_age
 
     async def _expire(self, route: str) -> None:
@@ -257,10 +258,10 @@ class DurableQueue:
     def _blocked(self, route: str, head: Entry) -> str | None:
         """Why the head may not be sent right now, or None. Admitting through the breaker goes last:
         it takes a half-open probe slot, which `_deliver` then always gives back."""
-        runtime = self._runtime
+        ctx = self._ctx()
         if self._clock.monotonic() < head.next_at:
             return f"backoff after {head.attempts} attempt(s)"
-        health = runtime.health.get(head.target)
+        health = ctx.health.get(head.target)
         if health is not None and not health.healthy:
             return f"upstream {head.target} failing its health check"
         breaker = self._breaker(route, head.target)
@@ -272,15 +273,15 @@ class DurableQueue:
         return None
 
     def _breaker(self, route: str, target: str):
-        state = self._runtime.gen.states.get(route)
+        state = self._ctx().states.get(route)
         return state.breaker(target) if state is not None else None
 
     async def _deliver(self, route: str, head: Entry) -> None:
-        runtime = self._runtime
+        ctx = self._ctx()
         breaker = self._breaker(route, head.target)
         try:
             item = await self._db(self._store.get, head.id)
-            request = deliver.build_request(runtime.gen.policy, item) if item is not None else None
+            request = deliver.build_request(ctx.policy, item) if item is not None else None
             if request is None:
                 if breaker is not None:
                     breaker.release()
@@ -288,10 +289,10 @@ class DurableQueue:
                     self._routes[route].popleft()
                 else:
                     self._waiting[route] = f"upstream {item.upstream} is not in the policy"
-                    await runtime.sleep(POLL * 10)
+                    await ctx.sleep(POLL * 10)
                 return
-            current = find_route(runtime.gen.policy, route)
-            outcome, record = await deliver.attempt(runtime, item, request, current, head.attempts)
+            current = find_route(ctx.policy, route)
+            outcome, record = await deliver.attempt(ctx, item, request, current, head.attempts)
         except BaseException:
             if breaker is not None:
                 breaker.release()            # cancelled (shutdown): no verdict on the upstream
@@ -311,13 +312,13 @@ class DurableQueue:
                        trace_id=item.trace_id, span_id=item.span_id)
         else:
             await self._retry_later(route, head, outcome)
-        runtime.sink.request_finished(record)
+        ctx.sink.request_finished(record)
 
     async def _retry_later(self, route: str, head: Entry, outcome: deliver.Outcome) -> None:
         if head.backoff is None:
-            current = find_route(self._runtime.gen.policy, route)
+            current = find_route(self._ctx().policy, route)
             base = current.retry.backoff.base if current is not None and current.retry else BACKOFF_BASE
-            head.backoff = Backoff(BackoffPolicy(base=base or BACKOFF_BASE, max=BACKOFF_CAP), self._runtime.rng)
+            head.backoff = Backoff(BackoffPolicy(base=base or BACKOFF_BASE, max=BACKOFF_CAP), self._ctx().rng)
         delay = head.backoff.next_delay()
         if outcome.retry_after is not None:
             delay = max(delay, min(outcome.retry_after, MAX_RETRY_AFTER))
@@ -326,18 +327,17 @@ class DurableQueue:
         await self._db(self._store.note_failure, head.id, head.attempts, self._clock.time() + delay,
                        outcome.error or "failed")
 
-    def _transition(self, route: str, target: str, transition) -> None:
+    def _transition(self, route: str, target: str, transition: Transition | None) -> None:
         if transition is not None:
-            new = transition.new.value
-            self._emit(_TRANSITION[new], route, target, f"{transition.reason} (queue delivery)",
-                       breaker_state=new)
+            self._emit(transition_decision(transition), route, target, f"{transition.reason} (queue delivery)",
+                       breaker_state=transition.new.value)
 
     def _emit(self, decision: Decision, route: str, upstream: str | None, reason: str, *,
               trace_id: str | None = None, span_id: str | None = None, breaker_state: str | None = None) -> None:
-        runtime = self._runtime
-        runtime.sink.decision(DecisionRecord(
+        ctx = self._ctx()
+        ctx.sink.decision(DecisionRecord(
             decision=decision, route=route, upstream=upstream, reason=reason, at=time.time(),
-            breaker_state=breaker_state, policy_version=runtime.gen.policy.digest,
+            breaker_state=breaker_state, policy_version=ctx.policy.digest,
             trace_id=trace_id, span_id=span_id))
 
     async def _hand_off(self, targets: dict[str, str], move) -> None:
@@ -413,7 +413,7 @@ class DurableQueue:
 
 async def open_queue(policy: Policy) -> DurableQueue | None:
     """The queue when some route has `queue:`, else None (no file is created)."""
-    if not queues_writes(policy):
+    if not policy.queues_writes:
         return None
     return await DurableQueue.open(policy.state_dir)
 

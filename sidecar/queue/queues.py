@@ -1,5 +1,5 @@
 """The queue a route's writes go to: `store: state_dir` (SQLite, this pod: queue.py) or
-`store: redis://...` (a Stream every replica delivers from: fleet/queue.py), behind one face for the
+`store: redis://...` (a Stream every replica delivers from: queue/shared.py), behind one face for the
 fallback layer, /status, /metrics and /queue.
 
 At SIGTERM the local store keeps what it could not deliver (and says how many), or, for routes with
@@ -7,15 +7,13 @@ At SIGTERM the local store keeps what it could not deliver (and says how many), 
 """
 from __future__ import annotations
 
-import json
 import logging
 
-from multidict import CIMultiDict
 
 from sidecar.core.decisions import Decision
 from sidecar.fleet.link import RedisUnavailable
-from sidecar.fleet.queue import Full, SharedQueue, shared_routes
-from sidecar.pipeline.exchange import Exchange, Reply
+from sidecar.queue.shared import Full, SharedQueue, shared_routes
+from sidecar.exchange.types import Exchange, Reply
 from sidecar.policy.model import Policy
 from sidecar.queue.queue import LISTING_LIMIT, DurableQueue, new_item, queued_reply
 
@@ -40,7 +38,7 @@ class Queues:
     def start(self, runtime) -> None:
         self._runtime = runtime
         if self.local is not None:
-            self.local.start(runtime)
+            self.local.start(runtime.current)
         if self.shared is not None:
             self.shared.start(runtime)
 

@@ -38,7 +38,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, ge
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from sidecar.core.decisions import Decision, DecisionRecord
-from sidecar.core.grpc import GrpcCode
+from sidecar.grpc_rules import GrpcCode
 from sidecar.telemetry.genai import LlmCall
 from sidecar.telemetry.records import RequestRecord, TryRecord
 

@@ -39,7 +39,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from sidecar.core.decisions import Decision, DecisionRecord
-from sidecar.core.grpc import GrpcCode
+from sidecar.grpc_rules import GrpcCode
 from sidecar.telemetry.genai import LlmCall
 from sidecar.policy.model import Telemetry
 from sidecar.telemetry.export import _gate, _GuardedExporter, _install_gate

@@ -21,14 +21,12 @@ from dataclasses import dataclass
 from typing import AsyncIterable, Iterable
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.http import StreamWriter
-from aiohttp.http_writer import _serialize_headers   # aiohttp's C serializer; rejects CR/LF in headers
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.aiohttp_private import ResponseHandler, StreamWriter, serialize_headers
 from sidecar.policy.model import Upstream
-from sidecar.transport.egress import EGRESS_GUARD, GuardedResolver
+from sidecar.transport.egress import GuardedResolver
 from sidecar.transport.errors import UpstreamFailure, translate
 from sidecar.transport.h2client import H2Pool, NotH2
 from sidecar.transport.h2client import Response as H2Response
@@ -53,12 +51,18 @@ class PoolKey:
     max_connections: int
     ca_file: str | None
     verify: bool
-    guarded: bool = False                  # resolves through the egress guard (proxy listener)
+    # Resolves through the egress guard refusing these own ports (proxy listener); one such pool per
+    # set of ports, which changes only when a reload moves a listener.
+    guard: frozenset[int] | None = None
+
+    @property
+    def guarded(self) -> bool:
+        return self.guard is not None
 
 
-def _key(up: Upstream | None, guarded: bool = False) -> PoolKey:
+def _key(up: Upstream | None, guard: frozenset[int] | None = None) -> PoolKey:
     if up is None:
-        return PoolKey(None, "", PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_MAX_CONNECTIONS, None, True, guarded)
+        return PoolKey(None, "", PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_MAX_CONNECTIONS, None, True, guard)
     return PoolKey(up.name, up.origin, up.connect_timeout, up.max_connections, up.tls.ca_file, up.tls.verify)
 
 
@@ -146,16 +150,20 @@ class Transport:
         if pool is None:
             pool = self._pools[key] = Pool(
                 key.max_connections, key.connect_timeout, functools.partial(_ssl_context, key),
-                resolver=GuardedResolver() if key.guarded else None, cache_dns=not key.guarded)
+                resolver=GuardedResolver(key.guard) if key.guard is not None else None,
+                cache_dns=key.guard is None)
         return pool
 
     async def send(self, upstream: Upstream | None, method: str, url: URL, headers: CIMultiDict,
                    body: bytes | AsyncIterable[bytes] | None, *, timeout: float, read_idle: float,
-                   server_hostname: str | None = None) -> Response:
-        """Send one request; raise `UpstreamFailure` unless response headers arrive within `timeout`."""
-        # A request to its original destination from the proxy listener resolves through the guard.
+                   server_hostname: str | None = None, guard: frozenset[int] | None = None) -> Response:
+        """Send one request; raise `UpstreamFailure` unless response headers arrive within `timeout`.
+
+        `guard`: the request came from the proxy listener on a route without `allow_internal`; a
+        request to its original destination then resolves through the egress guard refusing these
+        own ports (egress.py). Named upstreams are the operator's and are not guarded."""
         if upstream is None:
-            key = _key(None, guarded=EGRESS_GUARD.get() is not None)
+            key = _key(None, guard)
         else:
             # Hoisted to once per Upstream object (a policy load): hashing the frozen record per
             # request cost more than the rest of this method.
@@ -240,9 +248,8 @@ class Transport:
     async def retain(self, upstreams: dict[str, Upstream], endpoints: Iterable = ()) -> None:
         """After a reload: close pools no upstream (or balanced upstream's endpoint) uses any more."""
         self._keys.clear()                   # the old policy's Upstream records are gone
-        keep = {_key(u) for u in upstreams.values()} | {_key(None), _key(None, guarded=True)}
-        keep |= {_key(t) for t in endpoints}
-        for key in [k for k in self._pools if k not in keep]:
+        keep = {_key(u) for u in upstreams.values()} | {_key(t) for t in endpoints}
+        for key in [k for k in self._pools if k.name is not None and k not in keep]:   # passthrough stays
             pool = self._pools.pop(key)
             asyncio.get_running_loop().call_later(60, pool.close)
         for key in [k for k in self._h2_pools if k not in keep]:
@@ -296,10 +303,10 @@ def _head(method: str, url: URL, headers: CIMultiDict, body, streamed: bool) -> 
     elif streamed:
         if "content-length" not in headers:
             headers["Transfer-Encoding"] = "chunked"
-            return _serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), True
+            return serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), True
     elif "content-length" not in headers:
         headers["Content-Length"] = str(len(body))
-    return _serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), False
+    return serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), False
 
 
 async def _exchange(pool: Pool, origin: Origin, proto: ResponseHandler, method: str, head: bytes,

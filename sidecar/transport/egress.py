@@ -8,8 +8,8 @@ and on every address a host name resolves to (`GuardedResolver`, in the passthro
 requests use), so that `metadata.example` -> 169.254.169.254, `0xa9.0xfe.0xa9.0xfe` or a DNS answer that
 changes between the two checks (rebinding) cannot slip through.
 
-Whether the current request is guarded travels in `EGRESS_GUARD` (a context variable: one value per
-request task, inherited by hedges), holding the sidecar's own ports; `None` means unguarded.
+Whether a request is guarded travels with it (`Exchange.egress_guard`, handed to `Transport.send` as
+`guard`): the sidecar's own ports, or `None` for unguarded.
 """
 from __future__ import annotations
 
@@ -18,14 +18,11 @@ import errno
 import functools
 import ipaddress
 import socket
-from contextvars import ContextVar
 
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
 METADATA_NETS = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fd00:ec2::254/128"))
-
-EGRESS_GUARD: ContextVar[frozenset[int] | None] = ContextVar("sidecar_egress_guard", default=None)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -86,15 +83,16 @@ class EgressRefused(OSError):
 
 
 class GuardedResolver(AbstractResolver):
-    """The default resolver, refusing a name any of whose addresses is refused (for the current
-    request's own ports). aiohttp caches what this returns, so a cached answer was checked too."""
+    """The default resolver, refusing a name any of whose addresses is refused (metadata, or one of
+    `own_ports` on a local address). The pool using it caches no answer, so each is checked."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_ports: frozenset[int]) -> None:
         self._inner = DefaultResolver()
+        self._own_ports = own_ports
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
         found = await self._inner.resolve(host, port, family)
-        own_ports = EGRESS_GUARD.get() or frozenset()
+        own_ports = self._own_ports
         for entry in found:
             addr = parse_address(entry["host"])
             reason = refused_address(addr, port, own_ports) if addr is not None else None

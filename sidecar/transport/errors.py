@@ -17,15 +17,16 @@ import ssl
 import aiohttp
 from aiohttp import http_exceptions
 
+from sidecar.policy.conditions import Outcome
 from sidecar.telemetry.redact import redact
 
 
 class UpstreamFailure(Exception):
     __slots__ = ("kind", "detail")
 
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
+    def __init__(self, kind: Outcome | str, detail: str) -> None:
+        self.kind = Outcome(kind)            # one of TRANSPORT_FAILURES
+        super().__init__(f"{self.kind}: {detail}")
         self.detail = detail
 
 

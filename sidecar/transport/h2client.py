@@ -333,7 +333,7 @@ class H2Pool:
             except Unprocessed:
                 resends += 1
                 if streamed or resends > UNPROCESSED_RESENDS:
-                    raise UpstreamFailure("reset", "the upstream refused the stream (GOAWAY or REFUSED_STREAM)")
+                    raise UpstreamFailure("reset", "the upstream refused the stream (GOAWAY or REFUSED_STREAM)") from None
 
     async def _acquire(self, origin: Origin, alpn) -> H2Client:
         while True:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from sidecar.pipeline.calls import host_header, upstream_url
+from sidecar.exchange.calls import host_header, upstream_url
 from sidecar.policy.model import Upstream
 from sidecar.transport.client import Transport
 from sidecar.transport.errors import UpstreamFailure

@@ -20,9 +20,9 @@ import socket
 import ssl
 from typing import Callable, Protocol
 
-from aiohttp.client_proto import ResponseHandler
 from aiohttp.resolver import DefaultResolver
 
+from sidecar.aiohttp_private import ResponseHandler
 from sidecar.transport.errors import UpstreamFailure, connect_failure
 
 KEEPALIVE = 15.0                 # idle seconds before a pooled connection is closed (aiohttp's default)

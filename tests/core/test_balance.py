@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from sidecar.core.balance import DECAY, DEFAULT_RTT, Balancer, PeakEwma, RoundRobin, p2c, ewma_cost
+from sidecar.core.balance import DECAY, DEFAULT_RTT, Balancer, PeakEwma, RoundRobin, ewma_cost
 
 
 @dataclass(eq=False)

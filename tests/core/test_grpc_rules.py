@@ -1,7 +1,7 @@
-"""core/grpc.py: gRPC status names, grpc-timeout both ways, the sidecar's own refusals as statuses."""
+"""sidecar/grpc_rules.py: gRPC status names, grpc-timeout both ways, the sidecar's own refusals as statuses."""
 import pytest
 
-from sidecar.core.grpc import (CONDITION_NAMES, GrpcCode, encode_message, for_outcome, format_timeout, is_grpc,
+from sidecar.grpc_rules import (CONDITION_NAMES, GrpcCode, encode_message, for_outcome, format_timeout, is_grpc,
                                parse_status, parse_timeout)
 
 

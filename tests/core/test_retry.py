@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from sidecar.core.retry import (FAILURES, IDEMPOTENT_METHODS, Backoff, method_retryable, outcome_retryable,
                                 parse_retry_after)
-from sidecar.policy.model import BackoffPolicy, Conditions, RetryPolicy
+from sidecar.policy.conditions import parse_when
+from sidecar.policy.model import BackoffPolicy, RetryPolicy
 
 # -- methods ----------------------------------------------------------------------------------------
 
@@ -33,8 +34,7 @@ def test_listed_methods_replace_the_default():
 
 # -- outcomes ---------------------------------------------------------------------------------------
 
-POLICY = RetryPolicy(when=Conditions(names=frozenset({"connect-failure", "reset", "timeout"}),
-                                     statuses=frozenset({429, 503})))
+POLICY = RetryPolicy(when=parse_when(["connect-failure", "reset", "timeout", 429, 503]))
 
 
 @pytest.mark.parametrize("kw, expected", [
@@ -50,10 +50,10 @@ def test_outcome_retryable(kw, expected):
 
 
 def test_status_classes_come_from_the_conditions():
-    policy = RetryPolicy(when=Conditions(names=frozenset({"5xx"})))
+    policy = RetryPolicy(when=parse_when(["5xx"]))
     assert outcome_retryable(policy, status=500) and outcome_retryable(policy, status=599)
     assert not outcome_retryable(policy, status=429)
-    gateway = RetryPolicy(when=Conditions(names=frozenset({"gateway-error"})))
+    gateway = RetryPolicy(when=parse_when(["gateway-error"]))
     assert [s for s in range(500, 505) if outcome_retryable(gateway, status=s)] == [502, 503, 504]
 
 

@@ -30,7 +30,7 @@ async def test_two_sidecars_share_one_redis(upstream_factory, sidecar_factory, p
     cache = f"{{ttl: 60s, stale_if_error: 1h, store: \"{redis_url}\"}}"
     a = await sidecar_factory(policy(port, up.url, cache), clock=clock)
     port_b = ports()
-    b = await sidecar_factory(policy(port_b, up.url, cache), clock=clock)
+    await sidecar_factory(policy(port_b, up.url, cache), clock=clock)
     _, headers, body = await get(port)
     assert headers["cache-status"] == "sidecar; fwd=miss; fwd-status=200; stored"
     await cache_of(a).drain()                    # the write has landed in Redis

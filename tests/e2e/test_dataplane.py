@@ -1,7 +1,6 @@
 """Issue 2: real traffic through both listener modes, bodies of every size, streaming, CONNECT, TLS."""
 import asyncio
 import hashlib
-import json
 import os
 import ssl
 import subprocess

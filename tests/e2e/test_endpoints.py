@@ -1,17 +1,15 @@
 """Issue 14: an upstream is a set of endpoints. Real aiohttp replicas on loopback, a real sidecar in
 front, the balancing, ejection, retries-elsewhere, cooldown and split that the issue's "Must show" names."""
 import asyncio
-import json
 import math
 import time
 
 import aiohttp
 import openai
-import pytest
 from aiohttp import web
 
 from dnsserver import DnsServer
-from harness import Upstream, free_port
+from harness import free_port
 
 
 def policy(port, endpoints: list[str], route: str, *, balance: str = "ewma", outlier: str = "",

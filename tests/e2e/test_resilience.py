@@ -4,7 +4,6 @@ import asyncio
 import random
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from sidecar.core.clock import FakeClock

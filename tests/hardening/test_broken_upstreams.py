@@ -8,7 +8,7 @@ import pytest
 
 from sidecar.pipeline import send as send_module
 
-from .kit import Ports, assert_healthy, exchange, get, policy_text, read_answer
+from .kit import Ports, assert_healthy, exchange, get, policy_text
 
 
 async def garbage_status(reader, writer):

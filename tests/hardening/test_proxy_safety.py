@@ -166,11 +166,11 @@ async def test_connect_to_an_ordinary_target_still_tunnels(sidecar, ports, upstr
 
 
 async def test_unmatched_deny_answers_403_with_a_json_reason(sidecar_factory, ports, upstream):
-    sc = await sidecar_factory(policy_text(ports, upstream.url, f"""
+    sc = await sidecar_factory(policy_text(ports, upstream.url, """
         unmatched: deny
         routes:
           - name: allowed
-            match: {{host: 127.0.0.1, path_prefix: /allowed/}}
+            match: {host: 127.0.0.1, path_prefix: /allowed/}
         """))
     answer = await exchange(ports.proxy, proxied(f"{upstream.url}/elsewhere"), close_wait=0)
     assert answer.status == 403
@@ -180,7 +180,7 @@ async def test_unmatched_deny_answers_403_with_a_json_reason(sidecar_factory, po
     assert upstream.seen == []
     answer = await exchange(ports.proxy, proxied(f"{upstream.url}/allowed/x"), close_wait=0)
     assert answer.status == 200
-    reader, writer = await connect(ports.proxy, f"example.invalid:443")
+    reader, writer = await connect(ports.proxy, "example.invalid:443")
     tunnel = await read_answer(reader, close_wait=0)
     writer.close()
     assert tunnel.status == 403 and tunnel.json()["error"]

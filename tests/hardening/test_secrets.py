@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sidecar.telemetry.otel import OtelSink
 from sidecar.telemetry.redact import redact
 
-from .kit import RawUpstream, assert_healthy, exchange, get, policy_text, read_answer
+from .kit import RawUpstream, assert_healthy, exchange, get, policy_text
 
 POLICY_KEY = "sk-live-POLICYSECRET-7f3a9c21"
 BEARER = "app-bearer-Zq81Xk"
@@ -70,14 +70,14 @@ async def test_no_secret_reaches_logs_traces_admin_or_error_bodies(monkeypatch, 
     monkeypatch.setenv("HARDEN_API_KEY", POLICY_KEY)
     broken = await RawUpstream(reset_upstream).start()
     try:
-        text = policy_text(ports, upstream.url, f"""
+        text = policy_text(ports, upstream.url, """
             routes:
               - name: broken
-                match: {{path_prefix: /broken/}}
+                match: {path_prefix: /broken/}
                 upstream: broken
-                retry: {{max_retries: 1, when: [reset], backoff: {{base: 1ms, max: 2ms}}}}
+                retry: {max_retries: 1, when: [reset], backoff: {base: 1ms, max: 2ms}}
               - name: keyed
-                match: {{path_prefix: /}}
+                match: {path_prefix: /}
                 upstream: app
             """).replace("upstreams:\n", "upstreams:\n"
                          f"  broken: {{url: '{broken.url}', headers: {{x-api-key: '${{HARDEN_API_KEY}}'}}}}\n")
@@ -133,7 +133,7 @@ async def test_no_secret_reaches_logs_traces_admin_or_error_bodies(monkeypatch, 
         logging.getLogger("aiohttp.client").debug("headers %r", {"X-Api-Key": API_KEY, "Host": "a"})
         logging.getLogger("sidecar.proxy").warning("upstream key %s", POLICY_KEY)
         # 4. a rejected reload whose error would quote the secret
-        bad = text.replace("routes:\n", f"bogus_key: 'x${{HARDEN_API_KEY}}'\nroutes:\n", 1)
+        bad = text.replace("routes:\n", "bogus_key: 'x${HARDEN_API_KEY}'\nroutes:\n", 1)
         (tmp_path / "policy.yaml").write_text(bad)
         ok, error = await sc.runtime.reload()
         assert not ok and error

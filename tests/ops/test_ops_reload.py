@@ -214,7 +214,7 @@ async def test_open_breaker_survives_a_reload_of_an_unrelated_route(tmp_path, up
         breaker: {consecutive_failures: 2, open_for: 5m}
     """
     path = write(tmp_path / "policy.yaml", policy(ports, {"a": a, "b": b}, main="b", extra_routes=flaky))
-    sc = await run_sidecar(path, watch=False)
+    await run_sidecar(path, watch=False)
     assert [(await get(ports["api"], "/flaky"))[0] for _ in range(2)] == [500, 500]
     code, headers, _ = await get(ports["api"], "/flaky")
     assert code == 503 and "breaker_open" in headers["x-sidecar-degraded"] and a.hits == 2

@@ -5,7 +5,6 @@ app's SNI; `redis-cli` talks to a redis-server; a server-speaks-first banner pro
 with their bytes (each is a span; tests/proxy/test_sniff.py asserts the records)."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.policy.errors import PolicyError
-from sidecar.policy.explain import explain
+from sidecar.explain import explain
 from sidecar.policy.load import load_policy
 from sidecar.policy.model import SplitTarget
 

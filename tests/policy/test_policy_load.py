@@ -11,7 +11,8 @@ import yaml
 from sidecar.policy.dump import policy_data
 from sidecar.policy.errors import PolicyError, Problem
 from sidecar.policy.load import SCHEMA_PATH, load_policy, validate_files
-from sidecar.policy.model import OUTCOME_NAMES, JsonCondition, RetryPolicy
+from sidecar.policy.conditions import CONDITION_NAMES, JsonCondition
+from sidecar.policy.model import RetryPolicy
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
@@ -90,7 +91,7 @@ def test_schema_is_draft_2020_12_closed_everywhere_and_linked_from_schemas():
             for i, v in enumerate(node):
                 walk(v, f"{where}/{i}")
     walk(schema, "#")
-    assert set(schema["$defs"]["outcome"]["enum"]) == OUTCOME_NAMES
+    assert set(schema["$defs"]["outcome"]["enum"]) == CONDITION_NAMES
 
 
 # --- errors with positions -----------------------------------------------------------------------

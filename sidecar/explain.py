@@ -5,6 +5,7 @@ policy it would get after `defaults`, printed as YAML with durations and sizes a
     line: 31                    # where the route starts in FILE
     upstream: openai            # null: the request's original destination
     destination: https://api.openai.com:443
+    cache_url: upstream://openai/v1/models   # with `cache:`: the URL its cache keys hold (core/cache.py)
     policy: {timeout: 30s, retry: {...}, ...}
     listeners:                  # how each listener carries this URL (README "What each listener carries")
       egress: relayed with connect-level policy (CONNECT tunnel, route chat-tls) ...
@@ -16,6 +17,9 @@ from urllib.parse import urlsplit
 
 import yaml
 from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar.core.cache import canonical_url
 
 from sidecar.policy.dump import route_data, scrub
 from sidecar.policy.errors import PolicyError
@@ -35,13 +39,14 @@ def explain_command(policy_path: str, method: str, url: str, header_strings: lis
     try:
         headers = parse_headers(header_strings)
         parts = urlsplit(url)
-        parts.port                                  # raises ValueError for a bad port
+        parts.port                                  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
         print(f"sidecar explain: {exc}", file=sys.stderr)
         return 1
     authority = parts.netloc.rpartition("@")[2] or headers.get("host", "")
     route = Router(policy).match(method, authority, parts.path or "/", headers)
-    out = explain(policy, route, parts.scheme or "http", authority)
+    path_qs = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    out = explain(policy, route, parts.scheme or "http", authority, path_qs)
     out["listeners"] = carried(policy, parts.scheme or "http", parts.hostname or "")
     sys.stdout.write(yaml.dump(out, Dumper=_Dumper,
                                sort_keys=False, default_flow_style=False, allow_unicode=True))
@@ -75,7 +80,7 @@ def parse_headers(lines: list[str]) -> CIMultiDict[str]:
     return headers
 
 
-def explain(policy: Policy, route: Route | None, scheme: str, authority: str) -> dict:
+def explain(policy: Policy, route: Route | None, scheme: str, authority: str, path_qs: str = "/") -> dict:
     out: dict = {"route": route.name if route else None}
     if route is None:
         out["unmatched"] = policy.unmatched
@@ -93,6 +98,9 @@ def explain(policy: Policy, route: Route | None, scheme: str, authority: str) ->
         out["destination"] = _destination(upstream) if upstream else _origin(scheme, authority)
     if upstream is not None and upstream.balanced:
         out["balance"] = upstream.balance
+    if route.cache is not None and not route.split and (upstream is not None or _origin(scheme, authority)):
+        out["cache_url"] = canonical_url(URL(f"{scheme}://{authority}{path_qs}", encoded=True),
+                                         upstream.name if upstream else None)
     out["policy"] = route_data(route, identity=False)
     return scrub(out, policy.secrets)               # type: ignore[return-value]
 

@@ -314,7 +314,7 @@ class SharedQueue:
             self._heads[route] = head
         if await self._expire(route, link, key, head):
             return
-        why = deliver.blocked(self._runtime, route, head.item.target, head.next_at)
+        why = deliver.blocked(self._runtime.current(), route, head.item.target, head.next_at)
         if why is not None:
             self._waiting[route] = why
             await asyncio.sleep(POLL)
@@ -395,7 +395,7 @@ class SharedQueue:
     async def _deliver(self, route: str, link: RedisLink, key: str, head: _Head) -> None:
         runtime = self._runtime
         item = head.item
-        breaker = deliver.route_breaker(runtime, route, item.target)
+        breaker = deliver.route_breaker(runtime.current(), route, item.target)
         request = deliver.build_request(runtime.gen.policy, item)
         if request is None:
             if breaker is not None:
@@ -404,7 +404,7 @@ class SharedQueue:
             await asyncio.sleep(POLL * 10)
             return
         try:
-            outcome, record = await deliver.attempt(runtime, item, request, self._route(route), head.attempts)
+            outcome, record = await deliver.attempt(runtime.current(), item, request, self._route(route), head.attempts)
         except BaseException:
             if breaker is not None:
                 breaker.release()
@@ -426,7 +426,7 @@ class SharedQueue:
             if head.backoff is None:
                 current = self._route(route)
                 base = current.retry.backoff.base if current is not None and current.retry else BACKOFF_BASE
-                head.backoff = Backoff(BackoffPolicy(base=base or BACKOFF_BASE, max=BACKOFF_CAP), runtime.rng)
+                head.backoff = Backoff(BackoffPolicy(base=base or BACKOFF_BASE, max=BACKOFF_CAP), runtime.current().rng)
             delay = head.backoff.next_delay()
             if outcome.retry_after is not None:
                 delay = max(delay, min(outcome.retry_after, MAX_RETRY_AFTER))

@@ -3,9 +3,11 @@
     Exchange   one app request under one route: the target, the body, the deadline, the decisions made
     Call       what one target is sent (the primary, or a fallback upstream with its rewrite applied)
     Reply      an answer: status, headers and a body that is bytes or a not-yet-read stream
-    Degraded   raised by a layer when it cannot answer; `outcome` is a `when:` name
+    Degraded   raised by a layer when it cannot answer; `outcome` is a `when:` Outcome
 
-A layer is `async def layer(ex, call, next) -> Reply`; the route's stack is composed once in build.py.
+A layer is `async def layer(ex, call, next) -> Reply`; the route's stack is composed once in
+pipeline/build.py. This package is the bottom of the data plane: it imports policy, core and telemetry
+records, and every layer (pipeline, cache, queue, transport, proxy) imports it.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.core.decisions import NOT_DEGRADING, Decision, DecisionRecord
-from sidecar.telemetry.records import RequestRecord
+from sidecar.policy.conditions import Outcome
+from sidecar.telemetry.records import RequestRecord, TelemetrySink
 
 if TYPE_CHECKING:
     from sidecar.core.endpoints import EndpointState
-    from sidecar.pipeline.body import RequestBody
-    from sidecar.pipeline.state import RouteState
+    from sidecar.exchange.body import RequestBody
+    from sidecar.exchange.context import Context, EgressGuard
+    from sidecar.exchange.state import RouteState
     from sidecar.policy.model import Route, Upstream
 
 
@@ -31,10 +35,10 @@ class Degraded(Exception):
 
     __slots__ = ("outcome", "status", "reason", "retry_after", "upstream")
 
-    def __init__(self, outcome: str, reason: str, *, status: int = 503, retry_after: float | None = None,
+    def __init__(self, outcome: Outcome, reason: str, *, status: int = 503, retry_after: float | None = None,
                  upstream: str | None = None) -> None:
         super().__init__(f"{outcome}: {reason}")
-        self.outcome = outcome
+        self.outcome = Outcome(outcome)
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
@@ -48,7 +52,7 @@ class Call:
     name: str                              # upstream name, or host:port of the original destination
     method: str
     url: URL
-    headers: CIMultiDict
+    headers: CIMultiDict[str]
     body: "RequestBody"
     server_hostname: str | None = None
     fallback_target: str | None = None     # label of the fallback target, for traces
@@ -62,7 +66,7 @@ class Call:
 @dataclass(slots=True)
 class Reply:
     status: int
-    headers: CIMultiDict
+    headers: CIMultiDict[str]
     upstream: str                          # who answered: an upstream name, "cache", "static", "queue"
     body: bytes | None = None
     stream: AsyncIterator[bytes] | None = None
@@ -77,7 +81,7 @@ class Reply:
     upgraded: object | None = None
     # HTTP/2 trailers (gRPC's status): known with the body when it was read whole, else set by the
     # stream when it ends. An HTTP/1.1 listener does not send them (see README, HTTP/2 and gRPC).
-    trailers: CIMultiDict | None = None
+    trailers: CIMultiDict[str] | None = None
 
     def release(self) -> None:
         """Discard this reply without sending it (a retried or losing answer): free its connection."""
@@ -95,15 +99,16 @@ class Reply:
 class Exchange:
     """The state of one app request as it crosses the route's stack."""
 
-    __slots__ = ("route", "state", "runtime", "method", "url", "headers", "body", "deadline",
+    __slots__ = ("route", "state", "ctx", "method", "url", "headers", "body", "deadline",
                  "record", "attempts", "enforce", "retries_exhausted", "cache_key", "primary_status",
-                 "connect_to")
+                 "connect_to", "egress_guard")
 
-    def __init__(self, *, route: "Route", state: "RouteState", runtime, method: str, url: URL,
-                 headers: CIMultiDict, body: "RequestBody", deadline: float, record: RequestRecord) -> None:
+    def __init__(self, *, route: Route, state: RouteState, ctx: Context, method: str, url: URL,
+                 headers: CIMultiDict[str], body: RequestBody, deadline: float, record: RequestRecord,
+                 egress_guard: EgressGuard | None = None) -> None:
         self.route = route
         self.state = state
-        self.runtime = runtime               # sidecar.runtime.Runtime: transport, sink, clock, rng
+        self.ctx = ctx                       # the policy generation and its services
         self.method = method
         self.url = url                       # the original destination (absolute)
         self.headers = headers               # hop-by-hop headers already dropped
@@ -118,14 +123,17 @@ class Exchange:
         # Transparent mode: the address the app connected to (SO_ORIGINAL_DST). A call with no upstream
         # connects there, whatever the Host header says; `url` keeps the Host for routes, keys, traces.
         self.connect_to: tuple[str, int] | None = None
+        # Proxy listener, route without `allow_internal`: the sidecar's own ports, refused (with
+        # link-local addresses) on every address a passthrough call's host resolves to.
+        self.egress_guard = egress_guard
 
     def remaining(self) -> float:
-        return self.deadline - self.runtime.clock.monotonic()
+        return self.deadline - self.ctx.clock.monotonic()
 
     def decide(self, decision: Decision, reason: str, *, upstream: str | None = None,
                breaker_state: str | None = None, budget_remaining: float | None = None,
                fallback_target: str | None = None) -> DecisionRecord:
-        return record_decision(self.runtime.sink, self.record, decision, reason, upstream=upstream,
+        return record_decision(self.ctx.sink, self.record, decision, reason, upstream=upstream,
                                breaker_state=breaker_state, budget_remaining=budget_remaining,
                                fallback_target=fallback_target)
 
@@ -139,7 +147,7 @@ class Exchange:
         return seen
 
 
-def record_decision(sink, record: RequestRecord, decision: Decision, reason: str, *,
+def record_decision(sink: TelemetrySink, record: RequestRecord, decision: Decision, reason: str, *,
                     upstream: str | None = None, breaker_state: str | None = None,
                     budget_remaining: float | None = None,
                     fallback_target: str | None = None) -> DecisionRecord:

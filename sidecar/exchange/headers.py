@@ -10,7 +10,7 @@ HOP_BY_HOP = frozenset({
 })
 
 
-def end_to_end(headers: CIMultiDictProxy | CIMultiDict) -> CIMultiDict:
+def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """A copy of `headers` without hop-by-hop ones."""
     named = headers.get("connection")
     drop = HOP_BY_HOP

@@ -1,0 +1,101 @@
+"""Each pipeline layer alone, with a fake `next` (tests/pipeline/layerkit.py)."""
+import pytest
+
+from layerkit import Next, context, decided, exchange, reply
+from sidecar.exchange.types import Degraded
+from sidecar.pipeline.breaker import breaker_layer
+from sidecar.pipeline.fallback import fallback_layer
+from sidecar.pipeline.guards import concurrency_layer, fault_layer, rate_limit_layer
+from sidecar.pipeline.retry import retry_layer
+from sidecar.policy.conditions import Outcome
+from sidecar.transport.errors import UpstreamFailure
+
+
+async def test_retry_tries_again_after_the_backoff_and_returns_the_good_answer(tmp_path):
+    ctx = context(tmp_path, "retry: {max_retries: 2, backoff: {base: 100ms, max: 1s}}")
+    ex, call = exchange(ctx)
+    nxt = Next(reply(503), UpstreamFailure(Outcome.RESET, "cut"), reply(200))
+    answer = await retry_layer(ex, call, next=nxt)
+    assert answer.status == 200 and nxt.calls == 3
+    assert decided(ex) == ["retry", "retry"]
+    assert len(ctx.sleep.asked) == 2 and all(0 <= s <= 1.0 for s in ctx.sleep.asked)
+    assert not ex.retries_exhausted
+
+
+async def test_retry_gives_up_when_retries_are_spent_and_says_so(tmp_path):
+    ctx = context(tmp_path, "retry: {max_retries: 1, backoff: {base: 1ms, max: 2ms}}")
+    ex, call = exchange(ctx)
+    answer = await retry_layer(ex, call, next=Next(reply(503), reply(502)))
+    assert answer.status == 502 and ex.retries_exhausted
+
+
+async def test_retry_leaves_a_post_alone_unless_allowed(tmp_path):
+    ctx = context(tmp_path, "retry: {max_retries: 2}")
+    ex, call = exchange(ctx, method="POST", body=b"{}")
+    nxt = Next(reply(503))
+    assert (await retry_layer(ex, call, next=nxt)).status == 503
+    assert nxt.calls == 1 and ex.retries_exhausted and decided(ex) == []
+
+
+async def test_an_open_breaker_rejects_without_calling_next(tmp_path):
+    ctx = context(tmp_path, "breaker: {consecutive_failures: 2, open_for: 10s}")
+    ex, call = exchange(ctx)
+    for _ in range(2):
+        assert (await breaker_layer(ex, call, next=Next(reply(500)))).status == 500
+    nxt = Next()
+    with pytest.raises(Degraded) as raised:
+        await breaker_layer(ex, call, next=nxt)
+    assert raised.value.outcome is Outcome.BREAKER_OPEN and nxt.calls == 0
+    assert decided(ex) == ["breaker_opened", "breaker_open"]
+
+
+async def test_rate_limit_and_concurrency_refuse_with_their_outcomes(tmp_path):
+    ctx = context(tmp_path, "rate_limit: {per_second: 1, burst: 1}\n")
+    ex, call = exchange(ctx)
+    assert (await rate_limit_layer(ex, call, next=Next(reply(200)))).status == 200
+    with pytest.raises(Degraded) as raised:
+        await rate_limit_layer(ex, call, next=Next())
+    assert raised.value.outcome is Outcome.RATE_LIMITED and raised.value.status == 429
+
+    ctx = context(tmp_path, "concurrency: {max: 1}\n")
+    ex, call = exchange(ctx)
+    held = await concurrency_layer(ex, call, next=Next(reply(200)))   # in flight until finished
+    with pytest.raises(Degraded) as raised:
+        await concurrency_layer(ex, call, next=Next())
+    assert raised.value.outcome is Outcome.CONCURRENCY_FULL
+    held.finish(True)
+    assert (await concurrency_layer(ex, call, next=Next(reply(200)))).status == 200
+
+
+async def test_fault_abort_answers_without_calling_next(tmp_path):
+    ctx = context(tmp_path, "fault: {abort: {status: 503, percent: 100}}\n")
+    ex, call = exchange(ctx)
+    nxt = Next()
+    answer = await fault_layer(ex, call, next=nxt)
+    assert answer.status == 503 and answer.upstream == "fault" and nxt.calls == 0
+    assert decided(ex) == ["fault_injected"]
+
+
+async def test_fallback_answers_static_for_a_matching_failure_and_passes_other_answers(tmp_path):
+    ctx = context(tmp_path, """
+        fallback:
+          when: [connect-failure, 503]
+          targets: [{static: {status: 200, json: {from: static}}}]
+        """)
+    ex, call = exchange(ctx)
+    answer = await fallback_layer(ex, call, next=Next(UpstreamFailure(Outcome.CONNECT_FAILURE, "refused")))
+    assert answer.status == 200 and answer.upstream == "static" and decided(ex) == ["static_response"]
+    ex, call = exchange(ctx)
+    assert (await fallback_layer(ex, call, next=Next(reply(404)))).status == 404
+    ex, call = exchange(ctx)
+    assert (await fallback_layer(ex, call, next=Next(reply(503)))).upstream == "static"
+
+
+async def test_fallback_on_retries_exhausted_without_a_retry_block(tmp_path):
+    ctx = context(tmp_path, """
+        fallback: {when: [retries-exhausted], targets: [{static: {status: 200}}]}
+        """)
+    ex, call = exchange(ctx)
+    assert (await fallback_layer(ex, call, next=Next(reply(503)))).upstream == "static"
+    ex, call = exchange(ctx)
+    assert (await fallback_layer(ex, call, next=Next(reply(500)))).status == 500   # 500 is not retried
