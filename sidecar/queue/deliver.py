@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.core.breaker import CircuitBreaker
-from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.core.breaker import CircuitBreaker, transition_decision
+from sidecar.core.decisions import DecisionRecord
 from sidecar.core.retry import parse_retry_after
 from sidecar.exchange.calls import MIN_READ_IDLE, host_header, redact_url, upstream_url
 from sidecar.exchange.context import Context
@@ -49,10 +49,6 @@ def finished(status: int) -> bool:
     return status < 500 and status not in NOT_NOW
 
 
-TRANSITION = {"open": Decision.BREAKER_OPENED, "half_open": Decision.BREAKER_HALF_OPEN,
-              "closed": Decision.BREAKER_CLOSED}
-
-
 def route_breaker(ctx: Context, route: str, target: str) -> CircuitBreaker | None:
     state = ctx.states.get(route)
     return state.breaker(target) if state is not None else None
@@ -71,7 +67,7 @@ def blocked(ctx: Context, route: str, target: str, next_at: float) -> str | None
         admitted, transition = breaker.admit()
         if transition is not None:
             ctx.sink.decision(DecisionRecord(
-                decision=TRANSITION[transition.new.value], route=route, upstream=target,
+                decision=transition_decision(transition), route=route, upstream=target,
                 reason=f"{transition.reason} (queue delivery)", at=time.time(),
                 breaker_state=transition.new.value, policy_version=ctx.policy.digest))
         if not admitted:

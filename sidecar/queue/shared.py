@@ -32,6 +32,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from sidecar.core.breaker import transition_decision
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.retry import Backoff
 from sidecar.fleet.link import Links, RedisLink, RedisUnavailable
@@ -412,7 +413,7 @@ class SharedQueue:
         if breaker is not None:
             transition = breaker.record(outcome.upstream_ok, outcome.elapsed)
             if transition is not None:
-                self._emit(deliver.TRANSITION[transition.new.value], route, item.target,
+                self._emit(transition_decision(transition), route, item.target,
                            f"{transition.reason} (queue delivery)", None, breaker_state=transition.new.value)
         if outcome.delivered:
             self._heads.pop(route, None)
