@@ -44,7 +44,8 @@ class GrpcCode(IntEnum):
         return cls[name[5:].upper().replace("-", "_")]
 
 
-CONDITION_NAMES = frozenset(code.condition for code in GrpcCode)
+# Every gRPC `when:` name. OK is none: a success is never a failure to retry or fall back on.
+CONDITION_NAMES = frozenset(code.condition for code in GrpcCode if code is not GrpcCode.OK)
 
 # Codes that say the server (not the request) failed: the breaker counts them as failures, as it counts
 # a 5xx. The others (INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED...) are the caller's, like a 4xx.

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import backoff as _backoff
 
+from sidecar.grpc_rules import GrpcCode
 from sidecar.policy.conditions import TRANSPORT_FAILURES, Outcome
 from sidecar.policy.model import BackoffPolicy, RetryPolicy
 
@@ -37,14 +38,18 @@ def method_retryable(policy: RetryPolicy, method: str, has_idempotency_key: bool
 
 
 def outcome_retryable(policy: RetryPolicy, *, status: int | None = None,
-                      failure: Outcome | None = None) -> bool:
+                      failure: Outcome | None = None, grpc: GrpcCode | None = None) -> bool:
     """Would this outcome be retried under `policy.when`? Pure: spends no budget, counts no attempt.
 
-    `failure` is a transport failure name (see `FAILURES`); `status` a response status. Either matching
-    is enough; with neither there is nothing to retry. A failure name the policy does not list (including
+    `failure` is a transport failure name (see `FAILURES`); `status` a response status; `grpc` the
+    answer's gRPC status when it is a gRPC answer whose status is known before its body (trailers-only,
+    or the whole answer came with the head). Any one matching is enough; with none there is nothing to
+    retry. A failure name the policy does not list (including
     one this module does not know) is simply not retried: a request must not fail on a name.
     """
     if failure is not None and policy.when.has(failure):
+        return True
+    if grpc is not None and policy.when.matches_grpc(grpc):
         return True
     return status is not None and policy.when.matches_status(status)
 

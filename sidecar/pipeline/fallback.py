@@ -22,6 +22,8 @@ from sidecar.pipeline.balance import balance_layer
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.calls import rewritten_call
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
+from sidecar.grpc_rules import GrpcCode
+from sidecar.pipeline.grpc import reply_code
 from sidecar.pipeline.hedge import may_send_twice, race
 from sidecar.pipeline.retry import retries_exhausted
 from sidecar.pipeline.send import send
@@ -37,17 +39,19 @@ target_stack = functools.partial(balance_layer, next=functools.partial(breaker_l
 
 class Failure:
     """What went wrong with the primary, as `when:` conditions see it: an `outcome` (a layer refused,
-    the transport failed), or an answer (`reply`) whose status or JSON body matched a condition."""
-    __slots__ = ("outcome", "status", "reason", "retry_after", "reply", "json")
+    the transport failed), or an answer (`reply`) whose status, gRPC status or JSON body matched a
+    condition."""
+    __slots__ = ("outcome", "status", "reason", "retry_after", "reply", "json", "grpc")
 
     def __init__(self, outcome: Outcome | None, status: int, reason: str, retry_after: float | None = None,
-                 reply: Reply | None = None, json: bool = False) -> None:
+                 reply: Reply | None = None, json: bool = False, grpc: GrpcCode | None = None) -> None:
         self.outcome = outcome
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
         self.reply = reply
         self.json = json                     # a body condition of `fallback.when` matched
+        self.grpc = grpc                     # the answer's gRPC status, when a condition lists gRPC ones
 
     @classmethod
     def of(cls, exc: BaseException) -> "Failure":
@@ -67,11 +71,11 @@ class Failure:
         if self.outcome is not None and when.has(self.outcome):
             return True
         if when.has(Outcome.RETRIES_EXHAUSTED):
-            if self.reply is not None and retries_exhausted(ex, self.status):
+            if self.reply is not None and retries_exhausted(ex, self.reply):
                 return True                  # a failed answer that no retry followed
             if ex.retries_exhausted or self.outcome in TRANSPORT_FAILURES:
                 return True                  # a failed try that no retry followed
-        return when.matches_status(self.status) and self.outcome is not Outcome.RATE_LIMITED
+        return when.matches_answer(self.status, self.grpc) and self.outcome is not Outcome.RATE_LIMITED
 
     def raise_(self) -> None:
         assert self.outcome is not None, "an answer is returned, not raised"
@@ -138,9 +142,13 @@ async def _reply_failure(ex: Exchange, reply: Reply) -> Failure | None:
     conditions = [c for c in (fb.when if fb else None, ex.route.queue.when if ex.route.queue else None) if c]
     if not conditions:
         return None
+    code = reply_code(reply) if any(c.grpc for c in conditions) else None
+    if any(c.matches_grpc(code) for c in conditions):
+        assert code is not None
+        return Failure(None, reply.status, f"{code.condition} from {reply.upstream}", reply=reply, grpc=code)
     if reply.status >= 400 and any(c.matches_status(reply.status) for c in conditions) \
-            or (any(c.has(Outcome.RETRIES_EXHAUSTED) for c in conditions) and retries_exhausted(ex, reply.status)):
-        return Failure(None, reply.status, f"{reply.status} from {reply.upstream}", reply=reply)
+            or (any(c.has(Outcome.RETRIES_EXHAUSTED) for c in conditions) and retries_exhausted(ex, reply)):
+        return Failure(None, reply.status, f"{reply.status} from {reply.upstream}", reply=reply, grpc=code)
     if fb is not None and fb.when.json and reply.status < 300:
         await _buffer_small(ex, reply)
         if _json_condition(fb.when, reply):
@@ -191,8 +199,9 @@ async def _call_upstream_target(ex: Exchange, target: FallbackTarget, failure: F
         reply = await _send_to_target(ex, target)
     except (Degraded, UpstreamFailure):
         return None
-    if reply.status >= 500:
-        reply.release()
+    fb = ex.route.fallback
+    if reply.status >= 500 or (fb is not None and fb.when.grpc and fb.when.matches_grpc(reply_code(reply))):
+        reply.release()                      # this target failed as the primary did: try the next one
         return None
     return reply
 

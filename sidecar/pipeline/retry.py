@@ -1,7 +1,9 @@
 """Retry layer: "would we retry?" is pure (core.retry); "may we?" spends the route's budget.
 
 Follows Envoy's retry_state_impl split. Retries happen only before the first byte reaches the app (a
-Reply here is headers only), only for methods the policy allows, and only for replayable bodies. A
+Reply here is headers only), only for methods the policy allows (or a gRPC status the policy lists),
+and only for replayable bodies. A gRPC answer's status is known here when it came in the head
+(trailers-only, as a server's error before any message is) or with the whole answer. A
 `Retry-After` is honoured when it fits in the time left; backoff is exponential with full jitter.
 """
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from sidecar.core.decisions import Decision
 from sidecar.core.retry import Backoff, method_retryable, outcome_retryable, parse_retry_after
 from sidecar.exchange.types import Call, Exchange, Reply
+from sidecar.grpc_rules import GrpcCode
+from sidecar.pipeline.grpc import reply_code
 from sidecar.policy.conditions import Outcome
 from sidecar.policy.model import RetryPolicy, Route
 from sidecar.transport.errors import UpstreamFailure
@@ -22,8 +26,18 @@ def retries(route: Route) -> bool:
     return route.retry is not None and route.retry.max_retries > 0
 
 
-def retries_exhausted(ex: Exchange, status: int) -> bool:
-    """`retries-exhausted` for an answer with `status`: the primary's last try failed, as the route's
+def listed_code(policy: RetryPolicy, reply: Reply) -> GrpcCode | None:
+    """The answer's gRPC status, read only when `policy.when` lists gRPC statuses (else None)."""
+    return reply_code(reply) if policy.when.grpc else None
+
+
+def failed_answer(policy: RetryPolicy, reply: Reply) -> bool:
+    """Is this answer a failed try as `policy.when` counts them (its HTTP or its gRPC status)?"""
+    return outcome_retryable(policy, status=reply.status, grpc=listed_code(policy, reply))
+
+
+def retries_exhausted(ex: Exchange, reply: Reply) -> bool:
+    """`retries-exhausted` for `reply`: the primary's last try failed, as the route's
     `retry.when` counts failures, and no retry followed it. A route that retries decides it in the
     retry layer (every retry spent, or none allowed: method, body, budget, deadline); one that does
     not (no `retry`, `max_retries: 0`) has had its one try, so a failed answer meets it at once."""
@@ -31,7 +45,7 @@ def retries_exhausted(ex: Exchange, status: int) -> bool:
         return True
     if retries(ex.route):
         return False
-    return outcome_retryable(ex.route.retry or DEFAULT_RETRY, status=status)
+    return failed_answer(ex.route.retry or DEFAULT_RETRY, reply)
 
 
 async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
@@ -40,8 +54,9 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
     if budget is not None:
         budget.on_request()
     ctx = ex.ctx
-    allowed = call.body.replayable and method_retryable(
-        policy, call.method, "idempotency-key" in ex.headers)
+    # gRPC's own retryPolicy: listing a status code says a call failing with it may be sent again,
+    # whatever the method (every gRPC call is a POST); other outcomes follow `retry.methods`.
+    method_ok = method_retryable(policy, call.method, "idempotency-key" in ex.headers)
     backoff: Backoff | None = None
     retries = 0
     while True:
@@ -51,10 +66,13 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
             reply = await next(ex, call)
         except UpstreamFailure as exc:
             failure = exc
+        grpc_listed = False
         if reply is not None:
-            if not outcome_retryable(policy, status=reply.status):
+            code = listed_code(policy, reply)
+            grpc_listed = policy.when.matches_grpc(code)
+            if not grpc_listed and not outcome_retryable(policy, status=reply.status):
                 return reply
-            what = f"{reply.status} from {call.name}"
+            what = f"{code.condition if grpc_listed and code is not None else reply.status} from {call.name}"
         else:
             if failure.kind is Outcome.TIMEOUT:
                 ex.decide(Decision.TIMEOUT, f"try {retries + 1} to {call.name} timed out", upstream=call.name)
@@ -62,6 +80,7 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
                 raise failure
             what = f"{failure.kind} from {call.name}"
         # The outcome is retryable: may we?
+        allowed = call.body.replayable and (method_ok or grpc_listed)
         if not allowed or retries >= policy.max_retries:
             ex.retries_exhausted = True
             return _give_up(reply, failure)

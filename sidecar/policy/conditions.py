@@ -5,21 +5,24 @@ and the layers.
     StatusClass  a range of answer statuses: 5xx, 4xx, gateway-error (502, 503, 504)
     int          one exact status (100-599)
     JsonCondition  a field of a JSON answer body (`{json: error.type, equals: overloaded_error}`)
+    GrpcCode     a gRPC status of the answer (`grpc:unavailable`), from its head or trailers
 
 A `when:` list is parsed once (`parse_when`) into `Conditions`, a frozen record of typed values; the
 layers raise `Outcome` members and ask `Conditions` whether they match. The JSON schema's `outcome`
 enum is the union of `Outcome` and `StatusClass` values (tests/policy checks they agree), so a name
 that no layer raises cannot pass validation.
 
-Adding a kind of condition (e.g. gRPC statuses, `grpc:unavailable`): give it a small typed value here,
-a branch in `parse_when`, a field in `Conditions` with its matcher, and a pattern in the schema's
-`whenItem`.
+Adding a kind of condition (as gRPC statuses were): give it a small typed value here, a branch in
+`parse_when`, a field in `Conditions` with its matcher, and a pattern in the schema's `whenItem`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Iterable
+
+from sidecar.grpc_rules import CONDITION_NAMES as GRPC_CONDITION_NAMES
+from sidecar.grpc_rules import GrpcCode
 
 
 class Outcome(StrEnum):
@@ -73,6 +76,7 @@ class Conditions:
     statuses: frozenset[int] = frozenset()
     classes: frozenset[StatusClass] = frozenset()
     json: tuple[JsonCondition, ...] = ()
+    grpc: frozenset[GrpcCode] = frozenset()
 
     def has(self, outcome: Outcome) -> bool:
         """Is `outcome` listed? `breaker-open` also covers an unhealthy upstream: either way the upstream
@@ -86,10 +90,18 @@ class Conditions:
             return True
         return any(cls.covers(status) for cls in self.classes)
 
+    def matches_grpc(self, code: GrpcCode | None) -> bool:
+        """Is this gRPC status (None: not a gRPC answer, or its status not known yet) listed?"""
+        return code is not None and code in self.grpc
+
+    def matches_answer(self, status: int, code: GrpcCode | None) -> bool:
+        """An answer's HTTP status or, for a gRPC answer, its `grpc-status`."""
+        return self.matches_status(status) or self.matches_grpc(code)
+
     @property
     def names(self) -> frozenset[str]:
         """The named conditions, as the policy file spells them."""
-        return frozenset(c.value for c in (*self.outcomes, *self.classes))
+        return frozenset({*(c.value for c in (*self.outcomes, *self.classes)), *(c.condition for c in self.grpc)})
 
 
 def parse_when(items: Iterable[object]) -> Conditions:
@@ -98,13 +110,16 @@ def parse_when(items: Iterable[object]) -> Conditions:
     classes: set[StatusClass] = set()
     statuses: set[int] = set()
     json: list[JsonCondition] = []
+    grpc: set[GrpcCode] = set()
     for item in items:
         if isinstance(item, bool):
             raise ValueError(f"not a condition: {item!r}")
         if isinstance(item, (int, float)):
             statuses.add(int(item))
         elif isinstance(item, str):
-            if item in StatusClass._value2member_map_:
+            if item in GRPC_CONDITION_NAMES:
+                grpc.add(GrpcCode.from_condition(item))
+            elif item in StatusClass._value2member_map_:
                 classes.add(StatusClass(item))
             else:
                 outcomes.add(Outcome(item))
@@ -113,4 +128,4 @@ def parse_when(items: Iterable[object]) -> Conditions:
         else:
             raise ValueError(f"not a condition: {item!r}")
     return Conditions(outcomes=frozenset(outcomes), statuses=frozenset(statuses),
-                      classes=frozenset(classes), json=tuple(json))
+                      classes=frozenset(classes), json=tuple(json), grpc=frozenset(grpc))

@@ -216,7 +216,10 @@ def _message(err: jsonschema.ValidationError, schema: dict) -> str:
     kind, value = err.validator, err.instance
     if "errorMessage" in schema and kind in ("anyOf", "oneOf", "not", "pattern", "const", "minProperties"):
         got = "" if isinstance(value, (dict, list)) else f", got {_describe(value)}"
-        return f"{schema['errorMessage']}{got}"
+        # A misspelt name among alternatives (`when: [grpc:unavailble]`): the alternatives' enums.
+        names = [str(c) for e in err.context if e.validator == "enum" for c in e.validator_value]
+        hint = suggest(value, names) if isinstance(value, str) and names else ""
+        return f"{schema['errorMessage']}{got}{hint}"
     if kind == "type":
         types = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
         return f"expected {' or '.join(_JSON_TYPES.get(t, t) for t in types)}, got {_describe(value)}"

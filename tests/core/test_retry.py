@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from sidecar.core.retry import (FAILURES, IDEMPOTENT_METHODS, Backoff, method_retryable, outcome_retryable,
                                 parse_retry_after)
+from sidecar.grpc_rules import GrpcCode
 from sidecar.policy.conditions import parse_when
 from sidecar.policy.model import BackoffPolicy, RetryPolicy
 
@@ -160,3 +161,11 @@ def test_obsolete_http_date_forms():
 ])
 def test_garbage_is_ignored(value):
     assert parse_retry_after(value, NOW) is None
+
+
+def test_grpc_statuses_are_retried_only_when_listed():
+    policy = RetryPolicy(when=parse_when(["grpc:unavailable", 503]))
+    assert outcome_retryable(policy, status=200, grpc=GrpcCode.UNAVAILABLE)
+    assert not outcome_retryable(policy, status=200, grpc=GrpcCode.INVALID_ARGUMENT)
+    assert not outcome_retryable(policy, status=200, grpc=GrpcCode.OK)
+    assert not outcome_retryable(RetryPolicy(), status=200, grpc=GrpcCode.UNAVAILABLE)   # the default lists none

@@ -83,3 +83,10 @@ def channel(port: int) -> grpc.aio.Channel:
 def method(ch: grpc.aio.Channel, kind: str, name: str):
     factory = {"uu": ch.unary_unary, "us": ch.unary_stream, "su": ch.stream_unary, "ss": ch.stream_stream}[kind]
     return factory(f"/{SERVICE}/{name}")
+
+
+def blocking_unary(port: int, request: bytes, timeout: float = 10.0):
+    """One unary call with grpcio's blocking API, `with_call`: (answer, call) with the call's metadata.
+    Run it in a thread (`asyncio.to_thread`) while the sidecar serves on the test's loop."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=NO_PROXY) as ch:
+        return ch.unary_unary(f"/{SERVICE}/Unary").with_call(request, timeout=timeout)

@@ -5,7 +5,7 @@ import struct
 
 import grpc
 
-from grpc_kit import channel, method
+from grpc_kit import blocking_unary, channel, method
 from h2kit import H2App
 from test_grpc_proxy import policy
 
@@ -80,3 +80,96 @@ async def test_refusals_are_grpc_statuses_not_error_pages(grpc_server_factory, s
             raise AssertionError("the rate limit let a second call through")
     assert server.calls == {"Unary": 1}
 
+
+
+# --- grpc:<code> conditions in retry.when and fallback.when ------------------------------------------
+
+def failing(*codes):
+    """A server behaviour: the first calls abort with `codes` in turn (trailers-only), then echo."""
+    script = list(codes)
+
+    async def behave(name, context):
+        if script:
+            await context.abort(script.pop(0), "scripted failure")
+    return behave
+
+
+RETRY_UNAVAILABLE = "        retry: {max_retries: 3, when: [grpc:unavailable], backoff: {base: 1ms, max: 5ms}}"
+
+
+async def test_unavailable_twice_is_retried_and_the_client_sees_ok_with_the_attempts(grpc_server_factory,
+                                                                                     sidecar_factory, port):
+    server = await grpc_server_factory(failing(grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE))
+    await sidecar_factory(policy(port, server.url, route=RETRY_UNAVAILABLE))   # no `methods: [POST]` needed
+    answer, call = await asyncio.to_thread(blocking_unary, port["reverse"], b"x")
+    assert answer == b"echo:x" and call.code() == grpc.StatusCode.OK
+    meta = dict(call.initial_metadata())
+    assert meta["x-sidecar-attempts"] == "3" and meta["x-sidecar-upstream"] == "svc"
+    assert "retry" in meta["x-sidecar-degraded"].split(",")
+    assert server.calls == {"Unary": 3}
+
+
+async def test_a_code_the_route_does_not_list_is_not_retried(grpc_server_factory, sidecar_factory, port):
+    server = await grpc_server_factory(failing(grpc.StatusCode.INVALID_ARGUMENT))
+    await sidecar_factory(policy(port, server.url, route=RETRY_UNAVAILABLE))
+    async with channel(port["reverse"]) as ch:
+        try:
+            await method(ch, "uu", "Unary")(b"x")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.details() == "scripted failure"
+            assert dict(exc.trailing_metadata())["x-sidecar-attempts"] == "1"
+        else:
+            raise AssertionError("INVALID_ARGUMENT became a success")
+    assert server.calls == {"Unary": 1}
+
+
+async def test_unavailable_every_time_gives_up_after_max_retries_with_the_servers_status(grpc_server_factory,
+                                                                                       sidecar_factory, port):
+    server = await grpc_server_factory(failing(*[grpc.StatusCode.UNAVAILABLE] * 10))
+    await sidecar_factory(policy(port, server.url, route=RETRY_UNAVAILABLE))
+    async with channel(port["reverse"]) as ch:
+        try:
+            await method(ch, "uu", "Unary")(b"x")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details() == "scripted failure"
+            assert dict(exc.trailing_metadata())["x-sidecar-attempts"] == "4"
+        else:
+            raise AssertionError("an always-UNAVAILABLE server answered OK")
+    assert server.calls == {"Unary": 4}
+
+
+async def test_resource_exhausted_falls_back_to_a_static_grpc_error(grpc_server_factory, sidecar_factory, port):
+    server = await grpc_server_factory(failing(grpc.StatusCode.RESOURCE_EXHAUSTED))
+    await sidecar_factory(policy(port, server.url, route="""
+        fallback:
+          when: [grpc:resource-exhausted]
+          targets:
+            - static: {grpc_status: 14, message: "busy, try later"}
+    """))
+    async with channel(port["reverse"]) as ch:
+        try:
+            await method(ch, "uu", "Unary")(b"x")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details() == "busy, try later"
+            meta = dict(exc.trailing_metadata())
+            assert meta["x-sidecar-upstream"] == "static" and meta["x-sidecar-degraded"] == "static_response"
+        else:
+            raise AssertionError("RESOURCE_EXHAUSTED was not replaced by the static answer")
+        assert await method(ch, "uu", "Unary")(b"y") == b"echo:y"     # the server's OK is no failure
+    assert server.calls == {"Unary": 2}
+
+
+async def test_resource_exhausted_falls_back_to_another_upstream(grpc_server_factory, sidecar_factory, port):
+    primary = await grpc_server_factory(failing(grpc.StatusCode.RESOURCE_EXHAUSTED))
+    backup = await grpc_server_factory()
+    text = policy(port, primary.url, route="""
+        fallback:
+          when: [grpc:resource-exhausted]
+          targets: [{upstream: backup}]
+    """).replace("    routes:", f'      backup: {{url: "{backup.url}", protocol: h2c}}\n    routes:')
+    await sidecar_factory(text)
+    answer, call = await asyncio.to_thread(blocking_unary, port["reverse"], b"x")
+    assert answer == b"echo:x" and call.code() == grpc.StatusCode.OK
+    meta = dict(call.initial_metadata())
+    assert meta["x-sidecar-upstream"] == "backup" and meta["x-sidecar-attempts"] == "2"
+    assert primary.calls == {"Unary": 1} and backup.calls == {"Unary": 1}

@@ -4,10 +4,11 @@ import pytest
 from layerkit import Next, context, decided, exchange, reply
 from sidecar.exchange.types import Degraded
 from sidecar.pipeline.breaker import breaker_layer
-from sidecar.pipeline.fallback import fallback_layer
+from sidecar.grpc_rules import GrpcCode
+from sidecar.pipeline.fallback import Failure, fallback_layer
 from sidecar.pipeline.guards import concurrency_layer, fault_layer, rate_limit_layer
 from sidecar.pipeline.retry import retry_layer
-from sidecar.policy.conditions import Outcome
+from sidecar.policy.conditions import Outcome, parse_when
 from sidecar.transport.errors import UpstreamFailure
 
 
@@ -99,3 +100,40 @@ async def test_fallback_on_retries_exhausted_without_a_retry_block(tmp_path):
     assert (await fallback_layer(ex, call, next=Next(reply(503)))).upstream == "static"
     ex, call = exchange(ctx)
     assert (await fallback_layer(ex, call, next=Next(reply(500)))).status == 500   # 500 is not retried
+
+
+def grpc_reply(code: int | None, http: int = 200, content_type: str = "application/grpc"):
+    answer = reply(http, **{"content-type": content_type})
+    if code is not None:
+        answer.headers["grpc-status"] = str(code)           # trailers-only: the status in the head
+    return answer
+
+
+async def test_retry_on_a_listed_grpc_status_whatever_the_method(tmp_path):
+    ctx = context(tmp_path, "retry: {max_retries: 3, when: [grpc:unavailable], backoff: {base: 1ms, max: 2ms}}")
+    ex, call = exchange(ctx, method="POST", headers={"content-type": "application/grpc"})
+    nxt = Next(grpc_reply(14), grpc_reply(14), grpc_reply(None))        # OK comes in the trailers
+    answer = await retry_layer(ex, call, next=nxt)
+    assert nxt.calls == 3 and "grpc-status" not in answer.headers and not ex.retries_exhausted
+    assert [d.reason.split(";")[0] for d in ex.record.decisions] == ["grpc:unavailable from svc"] * 2
+    ex, call = exchange(ctx, method="POST")
+    nxt = Next(grpc_reply(3), grpc_reply(14, content_type="application/json"), grpc_reply(None))
+    assert await retry_layer(ex, call, next=nxt) and nxt.calls == 1      # INVALID_ARGUMENT is not listed
+    assert await retry_layer(ex, call, next=nxt) and nxt.calls == 2      # not a gRPC answer: no gRPC status
+
+
+async def test_fallback_and_queue_conditions_on_grpc_statuses(tmp_path):
+    ctx = context(tmp_path, """
+        retry: {max_retries: 1, when: [grpc:unavailable], backoff: {base: 1ms, max: 2ms}}
+        fallback: {when: [grpc:resource-exhausted, retries-exhausted], targets: [{static: {grpc_status: 14}}]}
+        """)
+    ex, call = exchange(ctx, method="POST")
+    assert (await fallback_layer(ex, call, next=Next(grpc_reply(8)))).upstream == "static"
+    ex, call = exchange(ctx, method="POST")
+    assert (await fallback_layer(ex, call, next=Next(grpc_reply(5)))).upstream == "svc"   # NOT_FOUND: the app's
+    ex, call = exchange(ctx, method="POST")
+    stack = lambda ex, call: retry_layer(ex, call, next=Next(grpc_reply(14), grpc_reply(14)))
+    assert (await fallback_layer(ex, call, next=stack)).upstream == "static"              # retries exhausted
+    failure = Failure(None, 200, "grpc:unavailable from svc", reply=grpc_reply(14), grpc=GrpcCode.UNAVAILABLE)
+    assert failure.matches(parse_when(["grpc:unavailable"]), ex)                           # as queue.when sees it
+    assert not failure.matches(parse_when(["grpc:internal", "5xx"]), ex)
