@@ -28,6 +28,7 @@ def main() -> int:
     p.add_argument("--path", default="/small")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--format", default="flamegraph", choices=["flamegraph", "speedscope", "raw"])
+    p.add_argument("--endpoints", type=int, default=1, help="the upstream as this many endpoints")
     args = p.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists() and shutil.which(spy) is None:
@@ -40,14 +41,15 @@ def main() -> int:
         upstream = nginx_proc("upstream", configs.upstream_nginx(tmp / "up", up), up, gen, tmp).start()
         port, admin, health = free_port(), free_port(), free_port()
         (tmp / "sc").mkdir()
-        policy = configs.sidecar_overhead(tmp / "sc", "sidecar", port, admin, health, up)
+        policy = configs.sidecar_overhead(tmp / "sc", "sidecar", port, admin, health, up,
+                                          endpoints=args.endpoints)
         sidecar = sidecar_proc("sidecar", policy, port, admin, sut, tmp).start()
         try:
             url = f"http://127.0.0.1:{port}{args.path}"
             wrk(url, duration=2, cpu=gen)                      # warm-up
             RESULTS.mkdir(exist_ok=True)
             ext = {"flamegraph": "svg", "speedscope": "json", "raw": "txt"}[args.format]
-            out = RESULTS / f"profile-sidecar.{ext}"
+            out = RESULTS / f"profile-sidecar{'-%dep' % args.endpoints if args.endpoints > 1 else ''}.{ext}"
             result = {}
             t = threading.Thread(target=lambda: result.update(wrk(url, duration=args.seconds + 1, cpu=gen)))
             t.start()

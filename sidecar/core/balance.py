@@ -94,20 +94,39 @@ def _by_share(cands: Sequence[Candidate], shares: Sequence[float], rng: random.R
 
 
 def p2c(cands: Sequence[Candidate], rng: random.Random, now: float,
-        cost: Callable[[Candidate, float], float]) -> Candidate:
-    """Power of two choices over `cost(ep, now)`; weighted by weight / cost when weights differ."""
+        cost: Callable[[Candidate, float], float], uniform: bool | None = None) -> Candidate:
+    """Power of two choices over `cost(ep, now)`; weighted by weight / cost when weights differ.
+    `uniform`: the caller knows whether every weight is equal (else it is looked at here)."""
     n = len(cands)
     if n == 1:
         return cands[0]
-    first_weight = cands[0].weight
-    if any(ep.weight != first_weight for ep in cands):
+    if uniform is None:
+        first_weight = cands[0].weight
+        uniform = all(ep.weight == first_weight for ep in cands)
+    if not uniform:
         return _by_share(cands, [ep.weight / max(cost(ep, now), 1e-9) for ep in cands], rng)
-    i = rng.randrange(n)
-    j = rng.randrange(n - 1)
+    # Two distinct indexes from two floats: `randrange` costs more than the rest of the pick.
+    i = int(rng.random() * n)
+    j = int(rng.random() * (n - 1))
     if j >= i:
         j += 1                                # two distinct candidates
     a, b = cands[i], cands[j]
     return b if cost(b, now) < cost(a, now) else a
+
+
+def p2c_ewma(cands: Sequence[Candidate], rng: random.Random, now: float) -> Candidate:
+    """`p2c(cands, rng, now, ewma_cost, uniform=True)` with the cost inlined: the per-request path of
+    the default balancer, the same draws and the same answer."""
+    n = len(cands)
+    i = int(rng.random() * n)
+    j = int(rng.random() * (n - 1))
+    if j >= i:
+        j += 1
+    a, b = cands[i], cands[j]
+    ea, eb = a.ewma, b.ewma
+    cost_a = (ea.rtt * math.exp(-(now - ea.at) / DECAY) if now > ea.at else ea.rtt) * (a.in_flight + 1)
+    cost_b = (eb.rtt * math.exp(-(now - eb.at) / DECAY) if now > eb.at else eb.rtt) * (b.in_flight + 1)
+    return b if cost_b < cost_a else a
 
 
 class RoundRobin:
@@ -151,14 +170,18 @@ class Balancer:
         self.kind = kind
         self._rr = RoundRobin() if kind == "round-robin" else None
 
-    def pick(self, cands: Sequence[Candidate], rng: random.Random, now: float) -> Candidate:
+    def pick(self, cands: Sequence[Candidate], rng: random.Random, now: float,
+             uniform: bool | None = None) -> Candidate:
+        """`uniform`: every candidate's weight is the same (None: look)."""
         if len(cands) == 1:
             return cands[0]
         kind = self.kind
         if kind == "ewma":
-            return p2c(cands, rng, now, ewma_cost)
+            if uniform:
+                return p2c_ewma(cands, rng, now)
+            return p2c(cands, rng, now, ewma_cost, uniform)
         if kind == "least-request":
-            return p2c(cands, rng, now, least_request_cost)
+            return p2c(cands, rng, now, least_request_cost, uniform)
         if self._rr is not None:
             return self._rr.pick(cands)
         return weighted_random(cands, rng)

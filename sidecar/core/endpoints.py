@@ -77,6 +77,7 @@ class EndpointSet:
         self.balancer = Balancer(balance)
         self.endpoints: list[EndpointState] = []
         self._by_key: dict[str, EndpointState] = {}
+        self._uniform = True                   # every weight equal: the balancers' cheaper draw
 
     # -- membership ----------------------------------------------------------------------------------
     def configure(self, balance: Balance, outlier: OutlierPolicy | None) -> None:
@@ -101,6 +102,7 @@ class EndpointSet:
         removed = [k for k in old if k not in fresh]
         self._by_key = fresh
         self.endpoints = list(fresh.values())
+        self._uniform = len({ep.weight for ep in self.endpoints}) <= 1
         self.balancer.forget(set(fresh))
         return added, removed
 
@@ -114,6 +116,10 @@ class EndpointSet:
     def pick(self, now: float, rng: random.Random, tried: Collection[str] = (),
              ignore_health: bool = False) -> Pick:
         eps = self.endpoints
+        if not tried:
+            ep = self.pick_steady(now, rng)
+            if ep is not None:
+                return Pick(ep, False, False, (), None)
         restored: tuple[EndpointEvent, ...] = ()
         usable = []
         for ep in eps:
@@ -136,8 +142,19 @@ class EndpointSet:
             untried = [ep for ep in ready if ep.key not in tried]
             if untried:
                 ready = untried
-        ep = cast(EndpointState, self.balancer.pick(ready, rng, now))   # it picks one of `ready`
+        ep = cast(EndpointState, self.balancer.pick(ready, rng, now, self._uniform))   # one of `ready`
         return Pick(ep, panic, not usable, restored, None)
+
+    def pick_steady(self, now: float, rng: random.Random) -> EndpointState | None:
+        """The steady state's pick, for a first try: every endpoint in rotation and ready. None when
+        any is out or cooling down (then `pick` decides, with panic, restores and cooldowns)."""
+        eps = self.endpoints
+        for ep in eps:
+            if not ep.healthy or ep.outlier.ejected_until is not None or ep.cooldown_until > now:
+                return None
+        if not eps:
+            return None
+        return cast(EndpointState, self.balancer.pick(eps, rng, now, self._uniform))
 
     def start(self, ep: EndpointState) -> None:
         ep.in_flight += 1
@@ -167,6 +184,14 @@ class EndpointSet:
             return None
         return EndpointEvent(Decision.ENDPOINT_EJECTED, ep.key,
                              f"{self.outlier.consecutive_failures} consecutive failures; ejected for {duration:g}s")
+
+    def succeeded(self, ep: EndpointState, latency: float, now: float) -> None:
+        """`finish(ep, True, latency, now)`, the common case, without the branches for failures."""
+        if ep.in_flight > 0:
+            ep.in_flight -= 1
+        ep.ewma.observe(latency, now)
+        ep.last_ok = True
+        ep.outlier.failures = 0
 
     def done(self, ep: EndpointState) -> None:
         """A streamed answer's body ended (or was cut, or dropped): the try leaves the in-flight count."""

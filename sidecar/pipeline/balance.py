@@ -11,18 +11,17 @@ from __future__ import annotations
 import asyncio
 
 from sidecar.core.decisions import Decision
-from sidecar.core.endpoints import EndpointEvent
+from sidecar.core.endpoints import EndpointEvent, EndpointSet, EndpointState
 from sidecar.core.retry import parse_retry_after
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
+from sidecar.policy.conditions import Outcome
 from sidecar.transport.errors import UpstreamFailure
 
 
 async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
     up = call.upstream
-    if up is None or not up.balanced:
-        return await next(ex, call)
     ctx = ex.ctx
-    group = ctx.endpoints.get(up.name)
+    group = None if up is None else ctx.endpoints.get(up.name)   # only balanced upstreams have one
     if group is None:
         return await next(ex, call)
     eset = group.set
@@ -30,37 +29,21 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
     if not eset.endpoints and group.discovery is not None and not group.discovery.resolved.is_set():
         await _first_answer(ex, group.discovery.resolved)
     if not eset.endpoints:
-        raise UpstreamFailure("connect-failure", f"no endpoints known for {up.name} (DNS gave none yet)")
+        raise UpstreamFailure(Outcome.CONNECT_FAILURE, f"no endpoints known for {up.name} (DNS gave none yet)")
     now = clock.monotonic()
     tried = call.tried
-    pick = eset.pick(now, ctx.rng, tried or ())
-    for event in pick.restored:
-        ctx.endpoints.background(up.name, event, ex.record.policy_version)
-    if pick.all_unhealthy:
-        ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint fails its active health check",
-                  upstream=up.name, breaker_state="open")
-        if ex.enforce:
-            raise Degraded("breaker-open", f"every endpoint of {up.name} is unhealthy", upstream=up.name)
-        pick = eset.pick(now, ctx.rng, tried or (), ignore_health=True)   # shadow: as if no policy
-    if pick.none_usable:
-        ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint is ejected or failing its health check",
-                  upstream=up.name)
-    if pick.panic:
-        ex.decide(Decision.BALANCER_PANIC,
-                  f"more than {up.outlier.max_ejected:g}% of {len(eset)} endpoints out: balancing over all",
-                  upstream=up.name)
-    ep = pick.endpoint
+    ep = None if tried else eset.pick_steady(now, ctx.rng)
     if ep is None:
-        wait = max(0.001, (pick.cooled_until or now) - now)
-        ex.decide(Decision.ENDPOINT_COOLDOWN, f"every endpoint is cooling down for another {wait:.1f}s",
-                  upstream=up.name)
-        raise Degraded("rate-limited", f"every endpoint of {up.name} is rate limited", status=429,
-                       retry_after=wait, upstream=up.name)
+        ep = _pick(ex, call, eset, now)
     target = ep.target
-    headers = call.headers.copy()
-    headers["Host"] = target.host_header
-    for key, value in target.headers:
-        headers[key] = value
+    headers = call.headers
+    if target.headers or headers.get("Host") != target.host_header:
+        # This endpoint's own Host or headers (an API key): on a copy, so that a retry or a hedged
+        # try to another endpoint does not carry them. Otherwise the tries share the request's.
+        headers = headers.copy()
+        headers["Host"] = target.host_header
+        for key, value in target.headers:
+            headers[key] = value
     path_qs = call.url.raw_path_qs[len(up.base_path):] or "/"
     attempt = Call(upstream=target, name=call.name, method=call.method, url=target.url(path_qs), headers=headers,
                    body=call.body, server_hostname=target.server_hostname, fallback_target=call.fallback_target,
@@ -99,9 +82,43 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
             _note(ex, up.name, eset.cool_down(ep, hinted, now))
             # Retry-After speaks for this endpoint alone: a retry may go to another one at once.
             reply.elsewhere = eset.others_ready(ep, now)
+    elif streamed:
+        eset.finish(ep, True, now - started, now, done=False)
     else:
-        eset.finish(ep, True, now - started, now, done=not streamed)
+        eset.succeeded(ep, now - started, now)
     return reply
+
+
+def _pick(ex: Exchange, call: Call, eset: EndpointSet, now: float) -> EndpointState:
+    """A retry, or a set with endpoints out of rotation: restores, panic, health and cooldowns."""
+    ctx = ex.ctx
+    up = call.upstream
+    assert up is not None
+    pick = eset.pick(now, ctx.rng, call.tried or ())
+    for event in pick.restored:
+        ctx.endpoints.background(up.name, event, ex.record.policy_version)
+    if pick.all_unhealthy:
+        ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint fails its active health check",
+                  upstream=up.name, breaker_state="open")
+        if ex.enforce:
+            raise Degraded(Outcome.UPSTREAM_UNHEALTHY, f"every endpoint of {up.name} is unhealthy",
+                           upstream=up.name)
+        pick = eset.pick(now, ctx.rng, call.tried or (), ignore_health=True)   # shadow: as if no policy
+    if pick.none_usable:
+        ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint is ejected or failing its health check",
+                  upstream=up.name)
+    if pick.panic:
+        ex.decide(Decision.BALANCER_PANIC,
+                  f"more than {up.outlier.max_ejected:g}% of {len(eset)} endpoints out: balancing over all",
+                  upstream=up.name)
+    ep = pick.endpoint
+    if ep is None:
+        wait = max(0.001, (pick.cooled_until or now) - now)
+        ex.decide(Decision.ENDPOINT_COOLDOWN, f"every endpoint is cooling down for another {wait:.1f}s",
+                  upstream=up.name)
+        raise Degraded(Outcome.RATE_LIMITED, f"every endpoint of {up.name} is rate limited", status=429,
+                       retry_after=wait, upstream=up.name)
+    return ep
 
 
 def _note(ex: Exchange, upstream: str, event: EndpointEvent | None) -> None:
