@@ -22,7 +22,7 @@ from sidecar.core.health import HealthState
 from sidecar.exchange.context import Context, HeadSampler, Services, Sleep, WriteQueue
 from sidecar.exchange.state import StateRegistry
 from sidecar.fleet.link import Links
-from sidecar.fleet.ratelimit import limiter_factory
+from sidecar.fleet.limits import limiter_factory
 from sidecar.pipeline.generation import build_generation
 from sidecar.policy.errors import PolicyError, Problem
 from sidecar.policy.load import load_policy
@@ -284,8 +284,7 @@ class Runtime:
                 "in_flight": state.concurrency.in_flight if state.concurrency else None,
                 "concurrency_max": route.concurrency.max if route.concurrency else None,
                 "cache": state.cache.stats() if state.cache is not None else None,
-                "tokens_per_minute": None if state.tokens is None else
-                {"limit": state.tokens.limit, "spent": state.tokens.spent()},
+                "tokens_per_minute": state.tokens.stats() if state.tokens is not None else None,
                 "rate_limit": state.limiter.stats() if state.limiter is not None else None,
             })
         return {

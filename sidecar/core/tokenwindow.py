@@ -9,14 +9,18 @@ estimate is the request's `max_tokens` when it has one, else the average of the 
 Admission (Envoy's "may we?" half, spending on success): the window's tokens plus the estimate must stay
 within the limit; an empty window admits any one call (a `max_tokens` above the limit would otherwise
 never pass). When refused, `retry_after` is when enough of the oldest slots will have expired.
-No I/O; the clock is injected, so tests move a `FakeClock` across the minute.
+No I/O; the clock is injected, so tests move a `FakeClock` across the minute. The limiters built on
+these windows (and on a shared bucket in Redis) are `sidecar/fleet/tokenlimit.py`; what they answer is a
+`TokenAdmission`.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .clock import Clock
+from .ratelimit import Verdict
 
 _AVERAGE_WEIGHT = 0.2       # each settled call moves the no-max_tokens estimate a fifth of the way
 
@@ -26,6 +30,16 @@ class Reservation:
     slot: int                              # the absolute slot the estimate was written into
     tokens: int
     settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TokenAdmission:
+    """A token limiter's answer for one call. Admitted: `settle(tokens)` once its real usage is known
+    (0 for a failed or non-LLM answer). `spent`: the tokens the deciding window held, when a local
+    window decided (None when the shared bucket did), for the decision's reason."""
+    verdict: Verdict
+    spent: int | None = None
+    settle: Callable[[int], None] | None = None
 
 
 class TokenWindow:
@@ -70,10 +84,12 @@ class TokenWindow:
             return max_tokens
         return round(self._average) if self._average is not None else 0
 
-    def try_spend(self, estimate: int) -> tuple[Reservation | None, float]:
-        """(a reservation, 0.0) when admitted; (None, seconds until it would be) when not."""
+    def try_spend(self, estimate: int, force: bool = False) -> tuple[Reservation | None, float]:
+        """(a reservation, 0.0) when admitted; (None, seconds until it would be) when not. `force`:
+        reserve whatever the window holds (a shared limit admitted the call; this window only keeps
+        this process's share of the spending)."""
         self._expire()
-        if self._total == 0 or self._total + estimate <= self.limit:
+        if force or self._total == 0 or self._total + estimate <= self.limit:
             self._slots[self._index % self._n] += estimate
             self._total += estimate
             return Reservation(self._index, estimate), 0.0

@@ -11,7 +11,7 @@ from sidecar.core.breaker import CircuitBreaker
 from sidecar.core.budget import RetryBudget
 from sidecar.core.clock import Clock
 from sidecar.core.concurrency import ConcurrencyLimit
-from sidecar.core.tokenwindow import TokenWindow
+from sidecar.core.tokenwindow import TokenAdmission
 from sidecar.policy.model import BreakerPolicy, RateLimitPolicy, Route
 
 if TYPE_CHECKING:
@@ -29,9 +29,26 @@ class Limiter(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-# (route name, its rate_limit) -> its limiter. Injected by the runtime (fleet/ratelimit.limiter_factory),
-# so this bottom package needs nothing of Redis.
-LimiterFactory = Callable[[str, RateLimitPolicy], Limiter]
+class TokenLimiter(Protocol):
+    """A route's `rate_limit.tokens_per_minute` limiter (sidecar/fleet/tokenlimit.py: sliding windows
+    per key value here, or a token bucket per key value in Redis)."""
+    limit: int
+    async def admit(self, key: str, max_tokens: int | None) -> TokenAdmission: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+class LimiterFactory(Protocol):
+    """(route name, its rate_limit) -> its limiters. Injected by the runtime (fleet/limits.py), so this
+    bottom package needs nothing of Redis."""
+    def requests(self, route: str, policy: RateLimitPolicy) -> Limiter: ...
+    def tokens(self, route: str, policy: RateLimitPolicy) -> TokenLimiter: ...
+
+
+def _token_shape(limit: RateLimitPolicy | None) -> tuple[object, ...] | None:
+    """What a token limiter is built from: it is kept across a reload that changes none of it."""
+    if limit is None:
+        return None
+    return limit.tokens_per_minute, limit.key, limit.store, limit.max_keys
 
 
 class RouteCache(Protocol):
@@ -59,7 +76,7 @@ class RouteState:
         self.budget: RetryBudget | None = None
         self.concurrency: ConcurrencyLimit | None = None
         self.limiter: Limiter | None = None  # rate_limit.per_second: local buckets, or GCRA in Redis
-        self.tokens: TokenWindow | None = None   # rate_limit.tokens_per_minute
+        self.tokens: TokenLimiter | None = None   # rate_limit.tokens_per_minute: windows, or a bucket in Redis
         self.cache: RouteCache | None = None   # set by the cache layer for routes with `cache:`
         self.apply(route)
 
@@ -81,11 +98,11 @@ class RouteState:
         if limit is None or limit.per_second is None:
             self.limiter = None
         elif self.limiter is None or old.rate_limit != limit:
-            self.limiter = self.limiters(route.name, limit)
+            self.limiter = self.limiters.requests(route.name, limit)
         if limit is None or limit.tokens_per_minute is None:
             self.tokens = None
-        elif self.tokens is None or self.tokens.limit != limit.tokens_per_minute:
-            self.tokens = TokenWindow(limit.tokens_per_minute, self.clock)
+        elif self.tokens is None or _token_shape(old.rate_limit) != _token_shape(limit):
+            self.tokens = self.limiters.tokens(route.name, limit)
         if route.cache is None and self.cache is not None:
             self.cache.retire()              # a reload dropped `cache:` (attach_cache binds it otherwise)
             self.cache = None

@@ -14,17 +14,17 @@ limit). In Redis the value is hashed into the key name (a tenant's API key never
 log) and each bucket expires once it is full again, so idle keys cost nothing; locally at most
 `max_keys` buckets are kept (least recently used dropped).
 
-Plugging in another limit (e.g. LLM `tokens_per_minute`): build a limiter over the same `key_for` and
-`Links` with rate = tokens/60 per second and burst = the allowance, then `acquire(key, cost=0)` before
-the call (refused only while the bucket is in debt) and `charge(key, tokens)` once the answer's usage is
-known (always debits, may go into debt). The GCRA script takes `cost` and `force` for exactly that.
+Another limit rides on the same bucket: LLM `tokens_per_minute` (fleet/tokenlimit.py) is a RedisLimiter
+in its own namespace with rate = tokens/60 per second and burst = the allowance; it acquires a call's
+estimate, then `charge`s the difference once the answer's usage is known (forced: may go into debt;
+negative: a refund, never past a full bucket). The GCRA script takes `cost` and `force` for exactly
+that. The route states get their limiters from fleet/limits.py.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
 from typing import Protocol
 
 from sidecar.core.clock import Clock
@@ -38,8 +38,8 @@ log = logging.getLogger("sidecar.fleet")
 # per bucket, the "theoretical arrival time" (TAT) in microseconds of Redis's clock. A request of `cost`
 # is allowed when TAT + cost*interval - now <= burst*interval; allowing it moves TAT on. The key expires
 # when TAT is reached (the bucket is full again), so Redis holds only buckets in use.
-# KEYS[1] bucket; ARGV: interval (µs per unit), burst (units), cost (units), force ("1": debit anyway)
-# -> {1, 0} allowed, or {0, µs until it would be}
+# KEYS[1] bucket; ARGV: interval (µs per unit), burst (units), cost (units; negative: a refund),
+# force ("1": debit anyway) -> {1, 0} allowed, or {0, µs until it would be}
 GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -47,8 +47,11 @@ local interval = tonumber(ARGV[1])
 local tolerance = interval * tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + interval * tonumber(ARGV[3])
-local over = new_tat - now - tolerance
+local debit = interval * tonumber(ARGV[3])
+local new_tat = tat + debit
+if new_tat < now then new_tat = now end
+-- relative to now first: µs since 1970 (~1.7e15) would round away a cost that exactly fills the bucket
+local over = (tat - now) + debit - tolerance
 if over > 0 and ARGV[4] ~= '1' then
   return {0, math.ceil(over)}
 end
@@ -56,7 +59,7 @@ redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new
 return {1, 0}
 """
 
-NAMESPACE = "sidecar-rl"
+NAMESPACE = "sidecar-rl"                   # request limits; tokens per minute use their own
 
 
 class Limiter(Protocol):
@@ -78,12 +81,6 @@ def make_limiter(route: str, policy: RateLimitPolicy, clock: Clock, links: Links
     if policy.store == "local":
         return local
     return RedisLimiter(route, policy, links.get(policy.store), local)
-
-
-def limiter_factory(clock: Clock, links: Links | None = None) -> Callable[[str, RateLimitPolicy], Limiter]:
-    """What the route states build their limiters with (exchange/state.py's LimiterFactory)."""
-    shared = links if links is not None else Links(clock)
-    return lambda route, policy: make_limiter(route, policy, clock, shared)
 
 
 class LocalLimiter:
@@ -112,8 +109,10 @@ class RedisLimiter:
     together in the next one (EVALSHA each, one round trip for all), so a busy sidecar uses one
     connection and one write per batch, not one per request."""
 
-    def __init__(self, route: str, policy: RateLimitPolicy, link: RedisLink, local: LocalLimiter) -> None:
+    def __init__(self, route: str, policy: RateLimitPolicy, link: RedisLink, local: LocalLimiter,
+                 namespace: str = NAMESPACE) -> None:
         self.route = route
+        self.namespace = namespace
         self.policy = policy
         self.link = link
         self.local = local
@@ -127,7 +126,7 @@ class RedisLimiter:
 
     def redis_key(self, key: str) -> str:
         digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest() if key else "-"
-        return f"{NAMESPACE}:{self.route}:{digest}"
+        return f"{self.namespace}:{self.route}:{digest}"
 
     async def acquire(self, key: str, cost: float = 1.0) -> Verdict:
         return await self._gcra(key, cost, force=False)
@@ -154,7 +153,8 @@ class RedisLimiter:
         if allowed:
             # The local bucket follows what Redis allowed, so a fallback starts from this pod's recent
             # pace rather than a fresh, full burst.
-            self.local.buckets.try_take(key, cost)
+            if cost > 0:
+                self.local.buckets.try_take(key, cost)
             return ALLOW
         return Verdict(False, int(wait_us) / 1_000_000)
 

@@ -5,8 +5,6 @@ request through.
 """
 from __future__ import annotations
 
-
-
 from sidecar.core.decisions import Decision
 from sidecar.core.faults import decide_fault
 from sidecar.exchange.replies import json_error
@@ -18,38 +16,44 @@ from sidecar.policy.conditions import Outcome
 
 async def rate_limit_layer(ex: Exchange, call: Call, next) -> Reply:
     limit = ex.route.rate_limit
+    key = key_for(limit, ex.headers)
+    per = f" per {limit.key}" if limit.key else ""
     limiter = ex.state.limiter
     if limiter is not None:
-        verdict = await limiter.acquire(key_for(limit, ex.headers))
+        verdict = await limiter.acquire(key)
         if verdict.local_reason is not None:     # the shared store did not answer: this pod's bucket did
             ex.decide(Decision.RATE_LIMIT_LOCAL, verdict.local_reason)
         if not verdict.allowed:
             scope = "global" if limit.store != "local" and not verdict.decided_locally else "local"
-            per = f" per {limit.key}" if limit.key else ""
             ex.decide(Decision.RATE_LIMITED, f"over the {scope} limit of {limit.per_second:g}/s{per} "
                                              f"(burst {limit.burst})")
             if ex.enforce:
                 raise Degraded(Outcome.RATE_LIMITED, f"{scope} rate limit exceeded", status=429,
                                retry_after=max(verdict.retry_after, 0.001))
-    window = ex.state.tokens
-    if window is None:
+    tokens = ex.state.tokens
+    if tokens is None:
         return await next(ex, call)
     shape = request_shape(ex.url.path, ex.body.data)
-    reservation, retry_after = window.try_spend(window.estimate(shape.max_tokens if shape else None))
-    if reservation is None:
-        ex.decide(Decision.RATE_LIMITED, f"over {limit.tokens_per_minute} tokens/min "
-                                         f"({window.spent()} spent or in flight)")
+    admission = await tokens.admit(key, shape.max_tokens if shape else None)
+    verdict = admission.verdict
+    if verdict.local_reason is not None:
+        ex.decide(Decision.RATE_LIMIT_LOCAL, verdict.local_reason)
+    if not verdict.allowed or admission.settle is None:
+        held = ("the fleet's bucket is spent" if admission.spent is None
+                else f"{admission.spent} spent or in flight")
+        ex.decide(Decision.RATE_LIMITED, f"over {tokens.limit} tokens/min{per} ({held})")
         if ex.enforce:
             raise Degraded(Outcome.RATE_LIMITED, "LLM tokens per minute exceeded", status=429,
-                           retry_after=max(retry_after, 0.001))
+                           retry_after=max(verdict.retry_after, 0.001))
         return await next(ex, call)
+    settle = admission.settle
     # The usage is read while the answer streams to the app: settled when it is done (or failed).
     try:
         reply = await next(ex, call)
     except BaseException:
-        window.settle(reservation, _tokens_spent(ex))
+        settle(_tokens_spent(ex))
         raise
-    reply.on_done.append(lambda ok: window.settle(reservation, _tokens_spent(ex)))
+    reply.on_done.append(lambda ok: settle(_tokens_spent(ex)))
     return reply
 
 

@@ -17,7 +17,7 @@ from sidecar.exchange.context import Context, Services
 from sidecar.exchange.records import request_record
 from sidecar.exchange.state import StateRegistry
 from sidecar.exchange.types import Call, Exchange, Reply
-from sidecar.fleet.ratelimit import limiter_factory
+from sidecar.fleet.limits import limiter_factory
 from sidecar.pipeline.generation import build_generation
 from sidecar.policy.load import load_policy
 
