@@ -68,6 +68,17 @@ def parse_status(value: str | None) -> GrpcCode | None:
         return GrpcCode.UNKNOWN
 
 
+def answer_status(headers, trailers) -> GrpcCode | None:
+    """The gRPC status of an answer (`headers`, `trailers`: mappings; trailers None until the body
+    ended), if known yet: from a trailers-only head, or from the trailers. None for a non-gRPC answer."""
+    if not is_grpc(headers.get("content-type")):
+        return None
+    code = parse_status(headers.get("grpc-status"))
+    if code is None and trailers is not None:
+        code = parse_status(trailers.get("grpc-status"))
+    return code
+
+
 _TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 _UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 

@@ -30,6 +30,8 @@ def encode(entry: CacheEntry) -> bytes:
     meta = {"s": entry.status, "h": [list(h) for h in entry.headers], "t": entry.stored_at, "ttl": entry.ttl,
             "sie": entry.stale_if_error, "swr": entry.stale_while_revalidate,
             "v": [list(v) for v in entry.vary]}
+    if entry.trailers:
+        meta["tr"] = [list(t) for t in entry.trailers]
     raw = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
     return b"".join((MAGIC, _LEN.pack(len(raw)), raw, entry.body))
 
@@ -48,10 +50,11 @@ def decode(data: bytes) -> CacheEntry:
         raise ValueError("bad status")
     headers = tuple(_pair(h, str) for h in _list(meta.get("h")))
     vary = tuple(_pair(v, (str, type(None))) for v in _list(meta.get("v", [])))
+    trailers = tuple(_pair(t, str) for t in _list(meta.get("tr", [])))
     return CacheEntry(status=status, headers=headers, body=bytes(data[8 + size:]),
                       stored_at=_number(meta.get("t")), ttl=_number(meta.get("ttl")),
                       stale_if_error=_number(meta.get("sie", 0)),
-                      stale_while_revalidate=_number(meta.get("swr", 0)), vary=vary)
+                      stale_while_revalidate=_number(meta.get("swr", 0)), vary=vary, trailers=trailers)
 
 
 def _list(value) -> list:
@@ -78,7 +81,7 @@ def _number(value) -> float:
 def pack(entry: CacheEntry) -> bytes | tuple[bytes, bytes] | CacheEntry:
     """One compact value for the memory store: `unpack(pack(entry)) == entry`."""
     fields = (entry.status, entry.headers, entry.stored_at, entry.ttl, entry.stale_if_error,
-              entry.stale_while_revalidate, entry.vary)
+              entry.stale_while_revalidate, entry.vary, entry.trailers)
     try:
         if len(entry.body) <= INLINE_BODY:
             return marshal.dumps((*fields, entry.body))
@@ -92,8 +95,8 @@ def unpack(value: bytes | tuple[bytes, bytes] | CacheEntry) -> CacheEntry:
         return value
     if isinstance(value, tuple):
         meta, body = value
-        status, headers, stored_at, ttl, sie, swr, vary = marshal.loads(meta)
+        status, headers, stored_at, ttl, sie, swr, vary, trailers = marshal.loads(meta)
     else:
-        status, headers, stored_at, ttl, sie, swr, vary, body = marshal.loads(value)
+        status, headers, stored_at, ttl, sie, swr, vary, trailers, body = marshal.loads(value)
     return CacheEntry(status=status, headers=headers, body=body, stored_at=stored_at, ttl=ttl,
-                      stale_if_error=sie, stale_while_revalidate=swr, vary=vary)
+                      stale_if_error=sie, stale_while_revalidate=swr, vary=vary, trailers=trailers)

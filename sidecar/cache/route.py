@@ -15,8 +15,9 @@ from multidict import CIMultiDict
 from sidecar.cache.stores import Store, open_store
 from sidecar.cache.tee import Capture, tee
 from sidecar.core.cache import (
-    NOT_MODIFIED_HEADERS, CacheEntry, Freshness, RequestDirectives, build_key, cache_status, etag_matches,
-    freshened, freshness, key_digest, make_entry, not_storable, usable_on_error, validators, vary_matches,
+    NOT_MODIFIED_HEADERS, CacheEntry, Freshness, NotStored, RequestDirectives, build_key, cache_status,
+    etag_matches, freshened, freshness, grpc_complete, key_digest, make_entry, not_storable, usable_on_error,
+    validators, vary_matches,
 )
 from sidecar.core.clock import Clock
 from sidecar.core.decisions import Decision
@@ -25,6 +26,7 @@ from sidecar.exchange.context import Context
 from sidecar.exchange.records import follow_up_record
 from sidecar.exchange.replies import json_error
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
+from sidecar.grpc_rules import SERVER_FAULTS, answer_status
 from sidecar.policy.model import CachePolicy
 from sidecar.transport.errors import UpstreamFailure
 
@@ -219,10 +221,11 @@ class RouteCache:
             if conditional and reply.status == 304 and reply.upstream not in LOCAL_ANSWERS:
                 handed_over = True
                 return self._not_modified(ex, key, stale, reply, fut)
-            if reply.status >= 500 and reply.upstream not in ("static", "queue"):
+            code = answer_status(reply.headers, reply.trailers)   # a gRPC server fault is an error too
+            if (reply.status >= 500 or code in SERVER_FAULTS) and reply.upstream not in ("static", "queue"):
                 self._settle(key, fut, FAILED)
-                stale = await self._stale_on_error(ex, key, fwd, f"{reply.status} from {reply.upstream}",
-                                                   reply.status)
+                what = code.condition if code in SERVER_FAULTS and code is not None else reply.status
+                stale = await self._stale_on_error(ex, key, fwd, f"{what} from {reply.upstream}", reply.status)
                 if stale is not None:
                     reply.release()
                     return stale
@@ -254,11 +257,16 @@ class RouteCache:
 
         def store(body: bytes) -> CacheEntry:
             entry = make_entry(reply.status, headers, body, now=received, policy=policy,
-                               request_headers=request_headers)
+                               request_headers=request_headers, trailers=_trailers(reply))
             self.save(key, entry)
             return entry
 
         if reply.body is not None:
+            if not grpc_complete(headers, reply.trailers):
+                self.counts["not_stored"] += 1
+                reply.cache_status = cache_status(fwd=fwd, fwd_status=reply.status,
+                                                  detail=NotStored.GRPC_STATUS.value, upstream_value=upstream_value)
+                return False
             self._settle(key, fut, store(reply.body))
             reply.cache_status = cache_status(fwd=fwd, fwd_status=reply.status, stored=True,
                                               upstream_value=upstream_value)
@@ -267,7 +275,8 @@ class RouteCache:
         reply.stream = tee(reply.stream, capture)
 
         def done(ok: bool | None) -> None:
-            whole = ok is True and capture.complete and not capture.overflow
+            whole = ok is True and capture.complete and not capture.overflow \
+                and grpc_complete(headers, reply.trailers)
             if not whole:
                 self.counts["not_stored"] += 1
             self._settle(key, fut, store(b"".join(capture.parts)) if whole else None)
@@ -330,7 +339,8 @@ class RouteCache:
         upstream_age = headers.popall("age", ["0"])[0]
         age = entry.age(now) + (int(upstream_age) if upstream_age.isdigit() else 0)
         headers["age"] = str(int(age))       # RFC 9111 §5.1
-        return Reply(status=status, headers=headers, upstream="cache", body=body, cache_status=status_value)
+        return Reply(status=status, headers=headers, upstream="cache", body=body, cache_status=status_value,
+                     trailers=CIMultiDict(entry.trailers) if entry.trailers else None)
 
     def _hit(self, ex: Exchange, entry: CacheEntry, now: float) -> Reply:
         self.counts["hits"] += 1
@@ -445,10 +455,10 @@ class RouteCache:
                 raise
             body = b"".join(parts)
         reply.finish(True)
-        if len(body) > policy.max_body:
+        if len(body) > policy.max_body or not grpc_complete(reply.headers.items(), reply.trailers):
             return False
         self.save(key, make_entry(reply.status, tuple(reply.headers.items()), body, now=self.clock.time(),
-                                  policy=policy, request_headers=bg.headers))
+                                  policy=policy, request_headers=bg.headers, trailers=_trailers(reply)))
         return True
 
     async def _shadow(self, ex: Exchange, call: Call, next, key: str) -> Reply:
@@ -480,6 +490,10 @@ def _background_exchange(ex: Exchange) -> Exchange:
     bg.cache_key = ex.cache_key
     bg.connect_to = ex.connect_to
     return bg
+
+
+def _trailers(reply: Reply) -> tuple[tuple[str, str], ...]:
+    return tuple(reply.trailers.items()) if reply.trailers else ()
 
 
 async def _close(stream) -> None:

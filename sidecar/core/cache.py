@@ -27,6 +27,7 @@ from typing import Iterable, Mapping
 
 from yarl import URL
 
+from sidecar.grpc_rules import GrpcCode, answer_status, is_grpc
 from sidecar.policy.model import CachePolicy
 
 CACHE_NAME = "sidecar"                     # our member name in Cache-Status (RFC 9211 §2)
@@ -47,6 +48,9 @@ class CacheEntry:
     stale_while_revalidate: float = 0.0
     # The request headers a `Vary` response depends on, as they were when it was stored (RFC 9111 §4.1).
     vary: tuple[tuple[str, str | None], ...] = ()
+    # HTTP/2 trailers that ended the answer: a gRPC answer's status is there, so a served copy is a
+    # complete gRPC answer.
+    trailers: tuple[tuple[str, str], ...] = ()
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.stored_at)
@@ -173,6 +177,7 @@ class NotStored(str, enum.Enum):
     SET_COOKIE = "set-cookie"
     TOO_LARGE = "too-large"
     NO_TTL = "no-ttl"
+    GRPC_STATUS = "grpc-status"            # a gRPC answer that is not OK, or whose status never came
 
 
 def not_storable(status: int, headers: Mapping[str, str] | Iterable[tuple[str, str]],
@@ -229,8 +234,16 @@ def _http_date(value: str) -> float | None:
         return None
 
 
+def grpc_complete(headers: Iterable[tuple[str, str]], trailers: Mapping[str, str] | None) -> bool:
+    """May a whole answer be stored, as far as gRPC goes? Any non-gRPC answer may; a gRPC one only when
+    its trailers say OK (a gRPC answer whose trailers never came was cut or failed)."""
+    head = {k.lower(): v for k, v in headers}
+    return not is_grpc(head.get("content-type")) or answer_status(head, trailers) is GrpcCode.OK
+
+
 def make_entry(status: int, headers: Iterable[tuple[str, str]], body: bytes, *, now: float,
-               policy: CachePolicy, request_headers: Mapping[str, str]) -> CacheEntry:
+               policy: CachePolicy, request_headers: Mapping[str, str],
+               trailers: Iterable[tuple[str, str]] = ()) -> CacheEntry:
     """The entry for a storable answer, with the policy's windows at the time it was stored."""
     # Interned: every entry repeats the same names and mostly the same short values, ~30 % of an
     # entry's memory with small bodies (10,000 entries: 3.5 MiB less).
@@ -241,7 +254,7 @@ def make_entry(status: int, headers: Iterable[tuple[str, str]], body: bytes, *, 
         sie = swr = 0.0                     # RFC 9111 §4.2.4: the origin forbids serving it stale
     return CacheEntry(status=status, headers=pairs, body=body, stored_at=now, ttl=policy.ttl,
                       stale_if_error=sie, stale_while_revalidate=swr,
-                      vary=vary_values(pairs, request_headers))
+                      vary=vary_values(pairs, request_headers), trailers=tuple(trailers))
 
 
 def validators(entry: CacheEntry) -> tuple[tuple[str, str], ...]:
@@ -266,7 +279,8 @@ def freshened(entry: CacheEntry, not_modified: Iterable[tuple[str, str]], *, now
     fresh = [(k, v) for k, v in not_modified if k.lower() != "content-length"]
     replaced = {k.lower() for k, _ in fresh}
     headers = [(k, v) for k, v in entry.headers if k.lower() not in replaced] + fresh
-    return make_entry(entry.status, headers, entry.body, now=now, policy=policy, request_headers=request_headers)
+    return make_entry(entry.status, headers, entry.body, now=now, policy=policy, request_headers=request_headers,
+                      trailers=entry.trailers)
 
 
 def vary_values(headers: Iterable[tuple[str, str]], request_headers: Mapping[str, str]) \

@@ -11,7 +11,7 @@ import json
 
 from multidict import CIMultiDict
 
-from sidecar.grpc_rules import GrpcCode, encode_message, for_outcome, is_grpc, parse_status
+from sidecar.grpc_rules import GrpcCode, answer_status, encode_message, for_outcome, is_grpc
 from sidecar.exchange.types import Reply
 
 
@@ -44,9 +44,4 @@ def as_grpc(reply: Reply, outcome: str | None, message: str | None = None) -> Re
 
 def reply_code(reply: Reply) -> GrpcCode | None:
     """The gRPC status of an answer, if known yet: from a trailers-only head, or from trailers."""
-    if not is_grpc(reply.headers.get("content-type")):
-        return None
-    code = parse_status(reply.headers.get("grpc-status"))
-    if code is None and reply.trailers is not None:
-        code = parse_status(reply.trailers.get("grpc-status"))
-    return code
+    return answer_status(reply.headers, reply.trailers)

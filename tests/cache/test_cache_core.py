@@ -5,7 +5,7 @@ from yarl import URL
 
 from sidecar.core.cache import (
     REVALIDATE_GRACE, CacheEntry, Freshness, NotStored, RequestDirectives, build_key, cache_status, canonical_url,
-    etag_matches, freshened, freshness, key_digest, make_entry, not_storable, parse_cache_control,
+    etag_matches, freshened, freshness, grpc_complete, key_digest, make_entry, not_storable, parse_cache_control,
     usable_on_error, validators, vary_matches,
 )
 from sidecar.core.clock import FakeClock
@@ -205,3 +205,13 @@ def test_a_304_freshens_the_entry_and_replaces_its_header_fields_but_content_len
                     policy=POLICY, request_headers=CIMultiDict())
     assert new.body == b"body" and new.stored_at == clock.time() and freshness(new, clock.time()) is Freshness.FRESH
     assert new.header("x-gen") == "2" and new.header("x-kept") == "k" and new.header("content-length") == "4"
+
+
+def test_a_grpc_answer_is_complete_only_with_ok_in_its_trailers():
+    grpc_head = (("content-type", "application/grpc"),)
+    assert grpc_complete(grpc_head, {"grpc-status": "0"})
+    assert not grpc_complete(grpc_head, {"grpc-status": "14"})
+    assert not grpc_complete(grpc_head, None)                          # cut: the trailers never came
+    assert grpc_complete((*grpc_head, ("grpc-status", "0")), None)      # trailers-only OK: an empty stream
+    assert not grpc_complete((*grpc_head, ("grpc-status", "5")), None)
+    assert grpc_complete((("content-type", "application/json"),), None)  # not gRPC: HTTP rules alone

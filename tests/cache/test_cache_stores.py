@@ -14,7 +14,8 @@ from sidecar.core.clock import FakeClock
 def entry(body: bytes = b"x", ttl: float = 60, sie: float = 0, swr: float = 0, clock=None) -> CacheEntry:
     return CacheEntry(status=200, headers=(("content-type", "text/plain"), ("x-a", "1")), body=body,
                       stored_at=(clock or FakeClock()).time(), ttl=ttl, stale_if_error=sie,
-                      stale_while_revalidate=swr, vary=(("accept", None), ("accept-encoding", "gzip")))
+                      stale_while_revalidate=swr, vary=(("accept", None), ("accept-encoding", "gzip")),
+                      trailers=(("grpc-status", "0"), ("grpc-message", "")))   # a gRPC answer's, kept
 
 
 # -- codec ------------------------------------------------------------------------------------------

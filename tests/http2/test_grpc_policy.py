@@ -3,6 +3,7 @@ static gRPC answers and refusals as gRPC statuses."""
 import asyncio
 import struct
 
+import aiohttp
 import grpc
 
 from grpc_kit import blocking_unary, channel, method
@@ -173,3 +174,42 @@ async def test_resource_exhausted_falls_back_to_another_upstream(grpc_server_fac
     meta = dict(call.initial_metadata())
     assert meta["x-sidecar-upstream"] == "backup" and meta["x-sidecar-attempts"] == "2"
     assert primary.calls == {"Unary": 1} and backup.calls == {"Unary": 1}
+
+
+# --- a cached unary answer served stale ------------------------------------------------------------
+
+async def test_a_cached_unary_answer_is_served_stale_when_the_upstream_is_down(grpc_server_factory,
+                                                                             sidecar_factory, port):
+    # OK (stored), an error of the caller's (passed on, never stored), a server fault (the stored copy)
+    answers = [None, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE]
+
+    async def behave(name, context):
+        code = answers.pop(0) if answers else None
+        if code is not None:
+            await context.abort(code, "no such order")
+    server = await grpc_server_factory(behave)
+    # ttl 0: every call goes upstream while it answers; the stored copy serves only on error.
+    await sidecar_factory(policy(port, server.url, route="""
+        cache: {ttl: 0s, stale_if_error: 1h, key: [method, url, body]}
+    """))
+    answer, call = await asyncio.to_thread(blocking_unary, port["reverse"], b"order-7")
+    assert answer == b"echo:order-7" and dict(call.initial_metadata())["x-sidecar-upstream"] == "svc"
+    try:
+        await asyncio.to_thread(blocking_unary, port["reverse"], b"order-7")
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.NOT_FOUND           # passed on, and not stored over the OK
+    else:
+        raise AssertionError("the server's NOT_FOUND did not reach the client")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port['admin']}/status") as r:
+            cache = (await r.json())["routes"][0]["cache"]
+    assert (cache["entries"], cache["stored"], cache["not_stored"]) == (1, 1, 1)
+    for down in (False, True):                       # UNAVAILABLE from the server, then no server at all
+        if down:
+            await server.stop()
+        answer, call = await asyncio.to_thread(blocking_unary, port["reverse"], b"order-7")
+        assert answer == b"echo:order-7" and call.code() == grpc.StatusCode.OK
+        meta = dict(call.initial_metadata())
+        assert meta["x-sidecar-upstream"] == "cache" and "stale-if-error" in meta["cache-status"]
+        assert meta["x-sidecar-degraded"] == "cache_stale"
+    assert server.calls == {"Unary": 3}
