@@ -85,8 +85,10 @@ async def send(ex: Exchange, call: Call) -> Reply:
 
     def _ended(ok: bool | None, rec: TryRecord = rec) -> None:
         rec.end_ns = time.time_ns()
-        if ok is False and rec.error_type is None:
-            rec.error_type = "reset"
+        if ok is False:
+            rec.cut = True
+            if rec.error_type is None:
+                rec.error_type = "reset"
         code = reply_code(reply)                 # from the trailers, once the stream ended
         if code is not None:
             rec.grpc_status = int(code)

@@ -221,6 +221,7 @@ class ListenerHandler:
             return resp
         except UpstreamFailure as exc:       # the upstream cut the stream after the first byte
             record.error_type = exc.kind
+            record.cut = True
             _abort(request)
             return web.StreamResponse()
         except (ConnectionError, asyncio.CancelledError):

@@ -2,10 +2,12 @@
 
 Series (SPEC "Admin API", plus the try-level ones an Envoy user looks for):
 
-    sidecar_requests_total{route,code}                      code: the status sent to the app
+    sidecar_requests_total{route,code}                      code: the status sent to the app, or what
+                                                            cut its body after the head (reset, timeout)
     sidecar_request_duration_seconds{route}                 histogram
     sidecar_decisions_total{route,decision}                 the decision vocabulary
     sidecar_upstream_requests_total{route,upstream,code}    one per try; code: status or failure name
+                                                            (a body cut after a 2xx-4xx head: the failure)
     sidecar_upstream_request_duration_seconds{route,upstream}
     sidecar_config_reloads_total{result}                    success | failure
     sidecar_relayed_connections_total{route,kind}           tunnel | upgrade | tls | tcp, once closed
@@ -121,7 +123,7 @@ class Metrics:
         hot = self._hot
         route = self._route(record.route)
         if record.listener != "queue":      # a queued write's later delivery is not an answer to the app
-            code = record.status or record.error_type or "none"
+            code = _code(record.status or None, record.error_type, record.cut, "none")
             key = (route, code)
             hot.requests[key] = hot.requests.get(key, 0) + 1
             if record.end_ns:
@@ -140,7 +142,7 @@ class Metrics:
             up, down = hot.relayed_bytes.get(rkey, (0, 0))
             hot.relayed_bytes[rkey] = (up + record.bytes_up, down + record.bytes_down)
         for t in record.tries:
-            code = t.status if t.status is not None else (t.error_type or "cancelled")
+            code = _code(t.status, t.error_type, t.cut, "cancelled")
             upstream = self._upstream(t.upstream)
             tkey = (route, upstream, code)
             hot.tries[tkey] = hot.tries.get(tkey, 0) + 1
@@ -250,6 +252,15 @@ class Metrics:
             encoder, content_type = choose_encoder(accept)
             return encoder(self.registry), content_type
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _code(status: int | None, error_type: str | None, cut: bool, missing: str) -> int | str:
+    """The `code` label: the status, or the failure's name when there is none or the body broke off
+    after a head below 500 (a 200 whose stream was cut is no success: Linkerd counts a reset stream as
+    a failure too). A cut 5xx stays its status: a failure either way, and one series."""
+    if status is not None and not (cut and status < 500):
+        return status
+    return error_type or missing
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ class TryRecord:
     grpc_status: int | None = None         # a gRPC call's status (head or trailers), when it came
     llm: "LlmCall | None" = None           # an LLM API call: model, usage, finish reasons (sidecar/llm)
     endpoint: str | None = None            # host:port of the endpoint, for a balanced upstream
+    cut: bool = False                      # the answer broke off after its head (reset, timeout mid-body)
 
 
 @dataclass(slots=True)
@@ -54,6 +55,7 @@ class RequestRecord:
     end_ns: int = 0
     status: int = 0
     error_type: str | None = None
+    cut: bool = False                      # the app got the head, then a cut body (error_type says why)
     attempts: int = 0
     tries: list[TryRecord] = field(default_factory=list)
     decisions: list[DecisionRecord] = field(default_factory=list)
