@@ -17,6 +17,7 @@ from sidecar.pipeline.guards import concurrency_layer, fault_layer, rate_limit_l
 from sidecar.pipeline.hedge import hedge_layer
 from sidecar.pipeline.retry import retries, retry_layer
 from sidecar.pipeline.send import send
+from sidecar.pipeline.storeforward import queue_layer
 from sidecar.policy.model import Route
 
 Handler = Callable[[Exchange, Call], Awaitable[Reply]]
@@ -28,8 +29,10 @@ def layers_for(route: Route, balanced: bool = False, upgrade: bool = False) -> l
     stack = []
     if route.cache is not None and not upgrade:
         stack.append(cache_layer)         # a fresh hit answers here; misses coalesce; answers are stored
-    if route.fallback is not None or route.queue is not None:
-        stack.append(fallback_layer)         # primary failed: queue the write, or walk the targets
+    if route.fallback is not None:
+        stack.append(fallback_layer)         # the primary failed: walk the targets
+    if route.queue is not None:
+        stack.append(queue_layer)            # a write that failed: stored, 202, delivered later
     if route.rate_limit is not None:
         stack.append(rate_limit_layer)       # token bucket, LLM tokens/min: 429 (or the fallback chain)
     if route.concurrency is not None:

@@ -28,7 +28,7 @@ from sidecar.exchange.headers import end_to_end
 from sidecar.exchange.records import request_record
 from sidecar.exchange.replies import json_error
 from sidecar.exchange.types import Degraded, Exchange, Reply, record_decision
-from sidecar.pipeline.fallback import Failure
+from sidecar.pipeline.failure import Failure
 from sidecar.pipeline.grpc import as_grpc, is_grpc_request, reply_code
 from sidecar.policy.model import Listener, Route
 from sidecar.proxy.guard import refusal

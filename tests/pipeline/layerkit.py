@@ -53,6 +53,20 @@ class Relays:
         raise AssertionError("no relay in a layer test")
 
 
+class Store:
+    """A store-and-forward queue that takes writes (or refuses them, as a full one does) and counts them."""
+
+    def __init__(self, full: bool = False) -> None:
+        self.full = full
+        self.taken: list[str] = []
+
+    async def accept(self, ex: Exchange, reason: str) -> Reply | None:
+        if self.full:
+            return None
+        self.taken.append(reason)
+        return Reply(status=202, headers=CIMultiDict(), upstream="queue", body=b"")
+
+
 class NoEndpoints:
     def get(self, name):
         return None
@@ -62,7 +76,7 @@ class NoEndpoints:
 
 
 def context(tmp_path: Path, route_yaml: str, *, upstreams: str = 'svc: {url: "http://127.0.0.1:9"}',
-            seed: int = 0) -> Context:
+            seed: int = 0, queue=None) -> Context:
     path = tmp_path / "policy.yaml"
     path.write_text(textwrap.dedent(f"""\
         version: 1
@@ -75,7 +89,8 @@ def context(tmp_path: Path, route_yaml: str, *, upstreams: str = 'svc: {url: "ht
         """) + textwrap.indent(textwrap.dedent(route_yaml), "    "))
     clock = FakeClock()
     services = Services(transport=NoTransport(), sink=Sink(), clock=clock, rng=random.Random(seed),
-                        sleep=Sleeps(clock), health={}, relays=Relays(), endpoints=NoEndpoints())
+                        sleep=Sleeps(clock), health={}, relays=Relays(), endpoints=NoEndpoints(),
+                        queue=queue)
     ctx, binding = build_generation(load_policy(str(path)), services, StateRegistry(clock, limiter_factory(clock)))
     binding.commit()
     return ctx

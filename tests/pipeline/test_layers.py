@@ -1,13 +1,15 @@
 """Each pipeline layer alone, with a fake `next` (tests/pipeline/layerkit.py)."""
 import pytest
 
-from layerkit import Next, context, decided, exchange, reply
+from layerkit import Next, Store, context, decided, exchange, reply
 from sidecar.exchange.types import Degraded
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.grpc_rules import GrpcCode
-from sidecar.pipeline.fallback import Failure, fallback_layer
+from sidecar.pipeline.failure import Failure
+from sidecar.pipeline.fallback import fallback_layer
 from sidecar.pipeline.guards import concurrency_layer, fault_layer, rate_limit_layer
 from sidecar.pipeline.retry import retry_layer
+from sidecar.pipeline.storeforward import queue_layer
 from sidecar.policy.conditions import Outcome, parse_when
 from sidecar.transport.errors import UpstreamFailure
 
@@ -137,3 +139,57 @@ async def test_fallback_and_queue_conditions_on_grpc_statuses(tmp_path):
     failure = Failure(None, 200, "grpc:unavailable from svc", reply=grpc_reply(14), grpc=GrpcCode.UNAVAILABLE)
     assert failure.matches(parse_when(["grpc:unavailable"]), ex)                           # as queue.when sees it
     assert not failure.matches(parse_when(["grpc:internal", "5xx"]), ex)
+
+
+class Released:
+    """A failed answer that knows whether it was released (its connection given back)."""
+
+    def __init__(self, status: int) -> None:
+        self.reply = reply(status)
+        self.released = False
+        self.reply.release_cb = self._release
+
+    def _release(self) -> None:
+        self.released = True
+
+
+async def test_queue_stores_a_failed_write_and_answers_202_reads_pass(tmp_path):
+    store = Store()
+    ctx = context(tmp_path, "queue: {when: [connect-failure, 503]}", queue=store)
+    ex, call = exchange(ctx, method="POST", body=b"{}")
+    failed = Released(503)
+    answer = await queue_layer(ex, call, next=Next(failed.reply))
+    assert answer.status == 202 and failed.released and store.taken == ["503 from svc"]
+    ex, call = exchange(ctx, method="PUT", body=b"{}")
+    answer = await queue_layer(ex, call, next=Next(UpstreamFailure(Outcome.CONNECT_FAILURE, "refused")))
+    assert answer.status == 202 and store.taken[-1].startswith("connect-failure")
+    ex, call = exchange(ctx, method="GET")
+    assert (await queue_layer(ex, call, next=Next(reply(503)))).status == 503   # a read is never queued
+    ex, call = exchange(ctx, method="POST", body=b"{}")
+    assert (await queue_layer(ex, call, next=Next(reply(500)))).status == 500   # 500 is not listed
+    assert len(store.taken) == 2
+
+
+async def test_a_full_queue_hands_the_failure_on_unchanged(tmp_path):
+    ctx = context(tmp_path, "queue: {when: [connect-failure, 503]}", queue=Store(full=True))
+    ex, call = exchange(ctx, method="POST", body=b"{}")
+    assert (await queue_layer(ex, call, next=Next(reply(503)))).status == 503
+    ex, call = exchange(ctx, method="POST", body=b"{}")
+    with pytest.raises(UpstreamFailure):
+        await queue_layer(ex, call, next=Next(UpstreamFailure(Outcome.CONNECT_FAILURE, "refused")))
+
+
+async def test_a_write_is_queued_before_any_fallback_target_and_a_read_falls_back(tmp_path):
+    store = Store()
+    ctx = context(tmp_path, """
+        queue: {when: [503]}
+        fallback: {when: [503], targets: [{static: {status: 200}}]}
+        """, queue=store)
+    # fallback over queue, as build.py composes them
+    stack = lambda nxt: (lambda ex, call: fallback_layer(ex, call, next=lambda e, c: queue_layer(e, c, next=nxt)))
+    ex, call = exchange(ctx, method="POST", body=b"{}")
+    assert (await stack(Next(reply(503)))(ex, call)).status == 202 and decided(ex) == []
+    ex, call = exchange(ctx, method="GET")
+    assert (await stack(Next(reply(503)))(ex, call)).upstream == "static"
+    from sidecar.pipeline.build import layers_for
+    assert [f.__name__ for f in layers_for(ctx.policy.routes[0])][:2] == ["fallback_layer", "queue_layer"]
