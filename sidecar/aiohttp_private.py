@@ -14,8 +14,9 @@ that test first.
     client side (transport/)
       ResponseHandler, StreamWriter  aiohttp's client protocol and writer, used without ClientSession
       serialize_headers              aiohttp's C header serializer (rejects CR/LF in values)
-    takeover (proxy/takeover.py, which reads them)
-      RequestHandler._message_tail, ResponseHandler._tail, ResponseHandler._drop_timeout
+    takeover (proxy/takeover.py)
+      take_server_tail()             RequestHandler._message_tail: bytes read past an upgrade/CONNECT head
+      take_client_tail()             ResponseHandler._tail and _drop_timeout: bytes after a 101, timer off
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from aiohttp.web_protocol import _ErrInfo as ErrInfo
 from multidict import CIMultiDict
 
 __all__ = ["EMPTY_PAYLOAD", "ErrInfo", "HANDLER_STATE", "RequestHandler", "ResponseHandler", "StreamWriter",
-           "answer_in_version", "missing", "new_response", "serialize_headers", "server_settings"]
+           "answer_in_version", "missing", "new_response", "serialize_headers", "server_settings",
+           "take_client_tail", "take_server_tail"]
 
 # RequestHandler instance attributes proxy/guard.py's GuardedRequestHandler reads or sets.
 HANDLER_STATE = ("_messages", "_request_count", "_waiter", "_force_close", "_close", "_upgraded",
@@ -60,6 +62,22 @@ def new_response(status: int, headers: CIMultiDict[str], *, coalesce: bool) -> w
     stream of unknown length (SSE, chunked) shows its head at once."""
     cls = _CoalescedResponse if coalesce else web.StreamResponse
     return cls(status=status, _real_headers=headers)
+
+
+def take_server_tail(protocol: RequestHandler) -> bytes:
+    """What the app sent after a request head that aiohttp read but did not parse; cleared here."""
+    tail: bytes = protocol._message_tail
+    protocol._message_tail = b""
+    return tail
+
+
+def take_client_tail(proto: ResponseHandler) -> bytes:
+    """What the upstream sent after a `101` head; cleared, and the protocol's read timeout stopped (the
+    socket is no longer its to time out)."""
+    proto._drop_timeout()
+    tail: bytes = proto._tail
+    proto._tail = b""
+    return tail
 
 
 def server_settings(server: web.Server) -> dict[str, Any]:

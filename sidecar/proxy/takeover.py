@@ -1,26 +1,23 @@
-"""The one seam where a connection is taken from aiohttp's protocols and handed to the relay.
+"""Where a connection is taken from aiohttp's protocols and handed to the relay.
 
 aiohttp has no public API for "this socket is no longer HTTP": its server protocol keeps the bytes it
-read past an upgrade (or CONNECT) head in `_message_tail`, its client protocol keeps what followed a
-`101` in `_tail`. Both are private, so they are read here and nowhere else, and
-tests/proxy/test_takeover_seam.py fails loudly if an aiohttp release renames them (pyproject bounds
-aiohttp below the next minor version).
+read past an upgrade (or CONNECT) head, its client protocol keeps what followed a `101`. Both are
+private, so they are read through sidecar/aiohttp_private.py (the one seam to aiohttp's internals),
+and tests/proxy/test_takeover_seam.py fails loudly if an aiohttp release renames them.
 """
 from __future__ import annotations
 
 import asyncio
 
 from aiohttp import web
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.web_protocol import RequestHandler
+
+from sidecar.aiohttp_private import ResponseHandler, take_client_tail, take_server_tail
 
 
 def app_tail(request: web.BaseRequest) -> bytes:
     """What the app sent after the request head that aiohttp read but did not parse (the first bytes
     of the tunnel or of the upgraded protocol)."""
-    protocol: RequestHandler = request.protocol
-    tail, protocol._message_tail = protocol._message_tail, b""
-    return tail
+    return take_server_tail(request.protocol)
 
 
 def app_transport(request: web.BaseRequest) -> asyncio.Transport:
@@ -42,8 +39,7 @@ def upstream_takeover(proto: ResponseHandler) -> tuple[asyncio.Transport, bytes]
     transport = proto.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the upstream closed its connection after the 101")
-    proto._drop_timeout()                # its read timeout must not fire on a socket it gave away
-    tail, proto._tail = proto._tail, b""
+    tail = take_client_tail(proto)       # and its read timeout, which must not fire on a socket it gave away
     proto.transport = None               # so a later close() of the protocol leaves the socket alone
     return transport, tail
 
