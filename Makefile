@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint lock system-deps bench bench-quick bench-grpc soak soak-fleet clean
+.PHONY: demo test lint lock system-deps bench bench-quick bench-grpc bench-llm soak soak-fleet clean
 
 # Installs are pinned by constraints.txt (every dependency, transitive ones included, at one version), so
 # CI and every checkout run the same packages. After changing dependencies in pyproject.toml: `make lock`.
@@ -43,11 +43,17 @@ bench: $(STAMP)
 	sh bench/install.sh
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench --full
+	$(BIN)/python -m bench.llm_stream
 
 bench-quick: $(STAMP)
 	sh bench/install.sh
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench --quick
+
+# Streamed LLM completions (SSE) direct vs through the full-policy route: first-chunk latency and
+# throughput, bench/results/llm.md (also run by `make bench`)
+bench-llm: $(STAMP)
+	$(BIN)/python -m bench.llm_stream
 
 # Unary gRPC calls direct vs through the sidecar (grpcio client and server): bench/results/grpc.md
 bench-grpc: $(STAMP)

@@ -146,8 +146,11 @@ state_dir: {d}/state
 
 
 def sidecar_overhead(d: Path, name: str, port: int, admin: int, health: int, upstream: int,
-                     otlp: int | None = None, cache: bool = True, endpoints: int = 1) -> Path:
-    """The "full" route every request of the overhead runs takes, plus the cache-hit route."""
+                     otlp: int | None = None, cache: bool = True, endpoints: int = 1,
+                     tokens_per_minute: int | None = None) -> Path:
+    """The "full" route every request of the overhead runs takes, plus the cache-hit route.
+    `tokens_per_minute`: the route also limits LLM tokens (bench/llm_stream.py), so every LLM answer
+    goes through the admission and has its usage settled."""
     cached = """  - name: cached
     match: {path_prefix: /cached/}
     upstream: primary
@@ -176,7 +179,7 @@ routes:
       budget: {{ratio: 0.2, min_per_second: 10, window: 10s}}
     breaker: {{consecutive_failures: 5, failure_rate: 0.5, min_requests: 20, window: 30s, open_for: 10s}}
     concurrency: {{max: 1000}}
-""")
+""" + (f"    rate_limit: {{tokens_per_minute: {tokens_per_minute}}}\n" if tokens_per_minute else ""))
     return conf
 
 
