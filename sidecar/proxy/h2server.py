@@ -293,16 +293,14 @@ def serve_sniffed(conn: Sniffed) -> H2Server:
     """proxy/sniff.py's HTTP/2 hook: the connection's streams go to its listener's handler."""
     from sidecar.proxy.intercept import InterceptedHandler   # these import the pipeline; h2server stays light
     from sidecar.proxy.server import ListenerHandler
-    runtime = conn.runtime
+    host = conn.host
     if conn.alpn == "h2" and conn.server_name:   # intercepted HTTPS: requests mean https://HOST:PORT
-        handler: ListenerHandler = InterceptedHandler(runtime, conn.listener, conn.server_name,
+        handler: ListenerHandler = InterceptedHandler(host, conn.listener, conn.server_name,
                                                       conn.server_port or 443)
     else:
-        handler = ListenerHandler(runtime.current, conn.listener)
+        handler = ListenerHandler(host.current, conn.listener)
     h2 = H2Server(handler.serve)
-    connections = getattr(runtime, "h2_connections", None)
-    if connections is not None:
-        connections.add(h2)                  # for drain
+    host.h2_connections.add(h2)              # for drain
     return h2
 
 

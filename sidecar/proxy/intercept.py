@@ -33,8 +33,8 @@ class InterceptedHandler(ListenerHandler):
     """The listener's handler for one intercepted connection: requests arrive in origin form and mean
     `https://HOST:PORT` of the CONNECT."""
 
-    def __init__(self, runtime, listener: Listener, host: str, port: int) -> None:
-        super().__init__(runtime.current, listener)
+    def __init__(self, serving: sniff.Host, listener: Listener, host: str, port: int) -> None:
+        super().__init__(serving.current, listener)
         self.host, self.port = host, port
 
     def _target(self, gen, request: web.BaseRequest):
@@ -64,8 +64,8 @@ class _OneConnection(GuardedServer):
 class Interceptor:
     """One per listener with `intercept`: which hosts are terminated, and their certificates."""
 
-    def __init__(self, runtime, authority: Authority, intercept: Intercept) -> None:
-        self.runtime = runtime
+    def __init__(self, serving: sniff.Host, authority: Authority, intercept: Intercept) -> None:
+        self.serving = serving
         self.intercept = intercept
         self.leaves = Leaves(authority, sniff.ALPN_PROTOCOLS)
 
@@ -76,7 +76,7 @@ class Interceptor:
                     first: bytes = b"") -> None:
         """Be the TLS server for `host` on `transport` (whose ClientHello may be in `first`), then serve
         the decrypted requests until the connection closes."""
-        server = _OneConnection(InterceptedHandler(self.runtime, listener, host, port), access_log=None,
+        server = _OneConnection(InterceptedHandler(self.serving, listener, host, port), access_log=None,
                                 **SERVER_LIMITS)
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
@@ -89,7 +89,7 @@ class Interceptor:
             factory = sniff.h2_factory()
             if alpn == "h2" and factory is not None:
                 h2.append(True)           # the hook's protocol owns the connection from here
-                return factory(sniff.Sniffed(tls_transport, b"", listener, self.runtime, None, alpn, host, port))
+                return factory(sniff.Sniffed(tls_transport, b"", listener, self.serving, None, alpn, host, port))
             return server()
 
         try:

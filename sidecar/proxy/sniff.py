@@ -34,9 +34,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from typing import Any, Callable, Protocol
+
+from sidecar.exchange.context import Context
 
 from sidecar.policy.model import Listener
 from sidecar.proxy.clienthello import NEED_MORE, ClientHello, looks_like_tls, parse_client_hello
@@ -83,13 +86,22 @@ def classify(data: bytes, *, transparent: bool) -> Kind | None:
     return Kind.TCP
 
 
+class Host(Protocol):
+    """What a listener's connections need of the process serving them (sidecar.runtime.Runtime)."""
+    h2_connections: "weakref.WeakSet[Any]"   # HTTP/2 app connections, for the drain on SIGTERM
+
+    def current(self) -> Context:
+        """The running policy generation."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Sniffed:
     """What a protocol taking over a sniffed connection is told."""
     transport: asyncio.Transport
     first: bytes                         # every byte read so far; the new protocol receives them
     listener: Listener
-    runtime: object                      # sidecar.runtime.Runtime (its `gen` is the current policy)
+    host: Host                           # the serving process: its current generation, its HTTP/2 set
     original_dst: tuple[str, int] | None = None    # transparent mode: where the app was connecting
     alpn: str | None = None              # intercepted TLS: the protocol ALPN agreed
     server_name: str | None = None       # intercepted TLS: the SNI host
@@ -123,9 +135,9 @@ def take_over(transport: asyncio.Transport, protocol: asyncio.Protocol, first: b
 class Front:
     """Per listener: the HTTP/1 protocol factory, and what to do with everything else."""
 
-    def __init__(self, runtime, listener: Listener, http_factory: Callable[[], asyncio.Protocol],
+    def __init__(self, host: Host, listener: Listener, http_factory: Callable[[], asyncio.Protocol],
                  header_timeout: float) -> None:
-        self.runtime = runtime
+        self.host = host
         self.listener = listener         # replaced in place by a reload (runtime._commit_listeners)
         self.http_factory = http_factory
         self.header_timeout = header_timeout
@@ -152,11 +164,11 @@ class Front:
                 self.http(transport, first, accepted_at)   # refused there (505), as before sniffing
             return
         dst = original_destination(transport) if self.transparent else None
-        take_over(transport, factory(Sniffed(transport, first, self.listener, self.runtime, dst)), first)
+        take_over(transport, factory(Sniffed(transport, first, self.listener, self.host, dst)), first)
 
     def relay(self, transport: asyncio.Transport, first: bytes, kind: Kind, hello: ClientHello | None) -> None:
-        from sidecar.proxy.passthrough import passthrough   # import cycle: passthrough uses the runtime
-        gen = self.runtime.gen
+        from sidecar.proxy.passthrough import passthrough   # import cycle: passthrough uses the pipeline
+        gen = self.host.current()
         name = hello.server_name if hello is not None else None
         interceptor = gen.interceptors.get(self.listener.name) if name else None
         if interceptor is not None and interceptor.wants(name):
