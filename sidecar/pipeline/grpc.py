@@ -42,6 +42,22 @@ def as_grpc(reply: Reply, outcome: str | None, message: str | None = None) -> Re
     return grpc
 
 
+# One gRPC message of length 0 (uncompressed): the default value of any response message type.
+EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"
+
+
+def accepted(reply: Reply) -> Reply:
+    """The store-and-forward answer (HTTP 202) for a gRPC caller. gRPC has no "accepted": a 202 would
+    reach the client as UNKNOWN and invite a second send of a call already stored. It gets OK with one
+    empty message (the default response) and the queue's headers (`x-sidecar-queued`) as metadata, so
+    it can tell a stored call from a served one."""
+    headers = CIMultiDict(reply.headers)
+    headers["content-type"] = "application/grpc"
+    headers.popall("content-length", None)
+    return Reply(status=200, headers=headers, upstream=reply.upstream, body=EMPTY_MESSAGE,
+                 trailers=CIMultiDict({"grpc-status": "0"}))
+
+
 def reply_code(reply: Reply) -> GrpcCode | None:
     """The gRPC status of an answer, if known yet: from a trailers-only head, or from trailers."""
     return answer_status(reply.headers, reply.trailers)

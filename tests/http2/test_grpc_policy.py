@@ -213,3 +213,25 @@ async def test_a_cached_unary_answer_is_served_stale_when_the_upstream_is_down(g
         assert meta["x-sidecar-upstream"] == "cache" and "stale-if-error" in meta["cache-status"]
         assert meta["x-sidecar-degraded"] == "cache_stale"
     assert server.calls == {"Unary": 3}
+
+
+async def test_a_stored_call_answers_ok_with_an_empty_message_and_is_delivered_later(grpc_server_factory,
+                                                                                    sidecar_factory, port,
+                                                                                    tmp_path):
+    server = await grpc_server_factory(failing(grpc.StatusCode.UNAVAILABLE))   # then the call goes through
+    text = policy(port, server.url, route="""
+        queue: {when: [grpc:unavailable], max_items: 10, max_age: 1h}
+    """).rstrip() + f"\n    state_dir: {tmp_path / 'state'}\n"
+    await sidecar_factory(text)
+    answer, call = await asyncio.to_thread(blocking_unary, port["reverse"], b"order-9")
+    # Not a 202 (grpcio would report UNKNOWN): OK, the default (empty) response, and metadata that says so.
+    assert answer == b"" and call.code() == grpc.StatusCode.OK
+    meta = dict(call.initial_metadata())
+    assert meta["x-sidecar-upstream"] == "queue" and meta["x-sidecar-queued"]
+    assert "queued" in meta["x-sidecar-degraded"].split(",")
+    for _ in range(200):                             # the worker delivers it: the server's second call
+        if server.calls.get("Unary") == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert server.calls == {"Unary": 2}
+    assert "idempotency-key" in server.metadata[-1]     # the stored copy, as the queue sends every write
