@@ -254,6 +254,31 @@ backend svc
     return conf
 
 
+def haproxy_l4_service(d: Path, port: int, primary: list[int]) -> Path:
+    """What an app calling a Kubernetes Service gets without a sidecar: kube-proxy deals each new TCP
+    connection to a random pod and knows nothing of HTTP (no checks, no retries). HAProxy in `mode
+    tcp` with `balance random` is that L4 balancer here."""
+    servers = "\n".join(f"    server p{i} 127.0.0.1:{p}" for i, p in enumerate(primary, 1))
+    conf = d / "haproxy-l4.cfg"
+    conf.write_text(f"""
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend svc
+backend svc
+    balance random
+{servers}
+""")
+    return conf
+
+
 def sidecar_scenario(d: Path, port: int, admin: int, health: int, primary: list[int], backup: int,
                      cache: bool = True) -> Path:
     cache_cfg = f"    cache: {{ttl: {CACHE_TTL_S}s, stale_if_error: 1h, max_entries: 20000}}\n" if cache else ""

@@ -16,7 +16,9 @@ per client request.
                    stale-on-error answers can succeed)
     6 replica      one of the three primary replicas answers every request with 503 (nginx: `max_fails`,
                    HAProxy: `observe layer7` + checks, the sidecar: outlier ejection); `bad share` is the
-                   share of upstream requests that reached the bad replica
+                   share of upstream requests that reached the bad replica. `direct` here is the app
+                   calling the Service through an L4 balancer (HAProxy `mode tcp`, `balance random`:
+                   kube-proxy's behaviour), not one replica
 """
 from __future__ import annotations
 
@@ -101,13 +103,16 @@ def _ms(v: float | None) -> str:
     return "    -" if v is None else f"{v:7.2f}"
 
 
-def _start(name: str, tmp: Path, primary: list[int], backup: int, cpu: int, cache: bool) -> tuple[Proc | None, int]:
-    if name == "direct":
-        return None, primary[0]
+def _start(name: str, tmp: Path, primary: list[int], backup: int, cpu: int, cache: bool,
+           scenario: str = "") -> tuple[Proc | None, int]:
+    if name == "direct" and scenario != "replica":
+        return None, primary[0]              # every replica behaves alike: one stands for the Service
     port = free_port()
     d = tmp / f"sc-{name}-{port}"
     d.mkdir(parents=True)
-    if name == "nginx":
+    if name == "direct":                     # one bad replica: the app calls the Service, kube-proxy style
+        proc = haproxy_proc(name, configs.haproxy_l4_service(d, port, primary), port, cpu, tmp)
+    elif name == "nginx":
         proc = nginx_proc(name, configs.nginx_scenario(d, port, primary, backup), port, cpu, tmp)
     elif name == "haproxy":
         proc = haproxy_proc(name, configs.haproxy_scenario(d, port, primary, backup), port, cpu, tmp)
@@ -122,7 +127,7 @@ def _one(name: str, scenario: str, plan: Plan, tmp: Path, primary: list[int], ba
          cpu: int, cache: bool) -> dict:
     for role in ("primary", "backup"):
         upstream_mode(control, role, **RESET)
-    proc, port = _start(name, tmp, primary, backup, cpu, cache)
+    proc, port = _start(name, tmp, primary, backup, cpu, cache, scenario)
     try:
         if scenario == "cache":
             # Warm every key, then let the entries expire: only stale-on-error answers can succeed.
