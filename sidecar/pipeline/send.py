@@ -129,7 +129,7 @@ async def _scanned(stream: AsyncIterator[bytes], scanner: AnswerScanner) -> Asyn
 
 
 async def _relay(resp: UpstreamResponse, reply: Reply) -> AsyncIterator[bytes]:
-    """The upstream body, as it arrives. A cut is raised as `UpstreamFailure("reset")`. HTTP/2
+    """The upstream body, as it arrives. A cut is raised as `UpstreamFailure(Outcome.RESET)`. HTTP/2
     trailers are on the reply once the body ended."""
     content = resp.content
     try:

@@ -21,6 +21,7 @@ from sidecar.pipeline.calls import apply_json_rewrite
 from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.policy.model import Rewrite, Upstream
 from sidecar.transport.errors import UpstreamFailure
+from sidecar.policy.conditions import Outcome
 
 # A whole (non-streamed) answer is read before it is translated; past this it is refused, not buffered.
 MAX_ANSWER = 8 * 1024 * 1024
@@ -125,7 +126,7 @@ async def _read(reply: Reply) -> bytes:
     async for chunk in reply.stream:
         size += len(chunk)
         if size > MAX_ANSWER:
-            raise UpstreamFailure("protocol-error", f"a fallback answer over {MAX_ANSWER} bytes to translate")
+            raise UpstreamFailure(Outcome.PROTOCOL_ERROR, f"a fallback answer over {MAX_ANSWER} bytes to translate")
         parts.append(chunk)
     reply.stream = None
     reply.release_cb = None
@@ -167,7 +168,7 @@ async def _relay(source: AsyncIterator[bytes], tr: StreamTranslator, head: bytes
     finally:
         await _close(source)
     if tr.failed:
-        raise UpstreamFailure("protocol-error", "the fallback provider's stream ended with an error")
+        raise UpstreamFailure(Outcome.PROTOCOL_ERROR, "the fallback provider's stream ended with an error")
 
 
 async def _close(source: AsyncIterator[bytes]) -> None:

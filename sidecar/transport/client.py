@@ -25,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.aiohttp_private import ResponseHandler, StreamWriter, serialize_headers
+from sidecar.policy.conditions import Outcome
 from sidecar.policy.model import Upstream
 from sidecar.transport.egress import GuardedResolver
 from sidecar.transport.errors import UpstreamFailure, translate
@@ -172,7 +173,7 @@ class Transport:
                 cached = self._keys[id(upstream)] = (upstream, _key(upstream))
             key = cached[1]
         if timeout <= 0:
-            raise UpstreamFailure("timeout", "no time left for this try")
+            raise UpstreamFailure(Outcome.TIMEOUT, "no time left for this try")
         origin = (url.scheme, url.raw_host or "", url.port or 80, server_hostname)
         alpn = _h2_alpn(upstream, url, headers)
         if alpn is not None and origin not in self._h2_pool(key).h1_origins:

@@ -24,7 +24,7 @@ from sidecar.telemetry.redact import redact
 class UpstreamFailure(Exception):
     __slots__ = ("kind", "detail")
 
-    def __init__(self, kind: Outcome | str, detail: str) -> None:
+    def __init__(self, kind: Outcome, detail: str) -> None:
         self.kind = Outcome(kind)            # one of TRANSPORT_FAILURES
         super().__init__(f"{self.kind}: {detail}")
         self.detail = detail
@@ -35,18 +35,18 @@ def translate(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, UpstreamFailure):
         return exc
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamFailure("connect-failure", "connect timeout")
+        return UpstreamFailure(Outcome.CONNECT_FAILURE, "connect timeout")
     if isinstance(exc, (aiohttp.ClientConnectorError, ssl.SSLError, aiohttp.ClientSSLError)):
-        return UpstreamFailure("connect-failure", _short(exc))
+        return UpstreamFailure(Outcome.CONNECT_FAILURE, _short(exc))
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return UpstreamFailure("timeout", "no response in time")
+        return UpstreamFailure(Outcome.TIMEOUT, "no response in time")
     if isinstance(exc, (aiohttp.ClientResponseError, http_exceptions.HttpProcessingError)):
-        return UpstreamFailure("protocol-error", _short(exc))
+        return UpstreamFailure(Outcome.PROTOCOL_ERROR, _short(exc))
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
                         aiohttp.ClientConnectionError, ConnectionError, OSError)):
-        return UpstreamFailure("reset", _short(exc))
+        return UpstreamFailure(Outcome.RESET, _short(exc))
     if isinstance(exc, aiohttp.ClientError):
-        return UpstreamFailure("protocol-error", _short(exc))
+        return UpstreamFailure(Outcome.PROTOCOL_ERROR, _short(exc))
     raise exc
 
 
@@ -54,7 +54,7 @@ def connect_failure(exc: BaseException, context: str) -> UpstreamFailure:
     """A failure to open a connection: refused, unreachable, DNS, TLS handshake, egress guard."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError) \
         else _short(exc)
-    return UpstreamFailure("connect-failure", f"{context}: {redact(str(reason))[:200]}")
+    return UpstreamFailure(Outcome.CONNECT_FAILURE, f"{context}: {redact(str(reason))[:200]}")
 
 
 # Where a parser error starts quoting the peer's raw bytes: `...: b'HTTX/1.1 200'` or `bytearray(b'...`.

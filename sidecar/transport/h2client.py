@@ -32,6 +32,7 @@ from yarl import URL
 
 from sidecar.transport.errors import UpstreamFailure, connect_failure
 from sidecar.transport.h2conn import FlowBody, H2Peer, StreamGone, decode, encode, fields
+from sidecar.policy.conditions import Outcome
 
 PING_INTERVAL = 30.0            # an idle-or-busy connection is pinged this often; no ACK by the next: dropped
 CONN_WINDOW = 4 * 1024 * 1024   # our receive window for the whole connection (streams: h2's default 64 KiB)
@@ -162,8 +163,8 @@ class H2Client(H2Peer):
             if code == h2.errors.ErrorCodes.REFUSED_STREAM:
                 stream.head.set_exception(Unprocessed("stream refused"))
             else:
-                stream.head.set_exception(UpstreamFailure("reset", f"stream reset by the upstream ({_code(code)})"))
-        stream.body.set_exception(UpstreamFailure("reset", f"stream reset by the upstream ({_code(code)})"))
+                stream.head.set_exception(UpstreamFailure(Outcome.RESET, f"stream reset by the upstream ({_code(code)})"))
+        stream.body.set_exception(UpstreamFailure(Outcome.RESET, f"stream reset by the upstream ({_code(code)})"))
         if stream.writer is not None:
             stream.writer.cancel()
         self.wake_stream(sid, StreamGone("stream reset"))
@@ -189,12 +190,12 @@ class H2Client(H2Peer):
         if self._ping is not None:
             self._ping.cancel()
         if not self.settled.done():
-            self.settled.set_exception(UpstreamFailure("protocol-error", "the upstream closed before its HTTP/2 SETTINGS"))
+            self.settled.set_exception(UpstreamFailure(Outcome.PROTOCOL_ERROR, "the upstream closed before its HTTP/2 SETTINGS"))
             self.settled.exception()         # retrieved: nobody may be waiting
         for sid, stream in list(self.streams.items()):
             if not stream.head.done():
-                stream.head.set_exception(UpstreamFailure("reset", "upstream connection closed"))
-            stream.body.set_exception(UpstreamFailure("reset", "upstream connection closed mid-body"))
+                stream.head.set_exception(UpstreamFailure(Outcome.RESET, "upstream connection closed"))
+            stream.body.set_exception(UpstreamFailure(Outcome.RESET, "upstream connection closed mid-body"))
             if stream.writer is not None:
                 stream.writer.cancel()
         self.streams.clear()
@@ -333,12 +334,12 @@ class H2Pool:
             except Unprocessed:
                 resends += 1
                 if streamed or resends > UNPROCESSED_RESENDS:
-                    raise UpstreamFailure("reset", "the upstream refused the stream (GOAWAY or REFUSED_STREAM)") from None
+                    raise UpstreamFailure(Outcome.RESET, "the upstream refused the stream (GOAWAY or REFUSED_STREAM)") from None
 
     async def _acquire(self, origin: Origin, alpn) -> H2Client:
         while True:
             if self._closed:
-                raise UpstreamFailure("connect-failure", "the pool was closed")
+                raise UpstreamFailure(Outcome.CONNECT_FAILURE, "the pool was closed")
             conns = self._conns.get(origin, ())
             best = max(conns, key=lambda c: c.room, default=None)
             if best is not None and best.room > 0:
@@ -394,15 +395,15 @@ class H2Pool:
                             if alpn and "http/1.1" in alpn:
                                 self.h1_origins.add(origin)
                                 raise NotH2()
-                            raise UpstreamFailure("connect-failure", f"{host}:{port} did not agree to h2 by ALPN")
+                            raise UpstreamFailure(Outcome.CONNECT_FAILURE, f"{host}:{port} did not agree to h2 by ALPN")
                     await client.settled       # the peer's SETTINGS: it speaks HTTP/2, and its limits
                 return client
             except TimeoutError as exc:
-                error = UpstreamFailure("connect-failure", f"connect timeout to {host}:{port}")
+                error = UpstreamFailure(Outcome.CONNECT_FAILURE, f"connect timeout to {host}:{port}")
                 error.__cause__ = exc
             except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
                 error = connect_failure(exc, f"cannot connect to {host}:{port}")
-        raise error or UpstreamFailure("connect-failure", f"{host} resolved to no address")
+        raise error or UpstreamFailure(Outcome.CONNECT_FAILURE, f"{host} resolved to no address")
 
     def close(self) -> None:
         self._closed = True

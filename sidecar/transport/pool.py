@@ -24,6 +24,7 @@ from aiohttp.resolver import DefaultResolver
 
 from sidecar.aiohttp_private import ResponseHandler
 from sidecar.transport.errors import UpstreamFailure, connect_failure
+from sidecar.policy.conditions import Outcome
 
 KEEPALIVE = 15.0                 # idle seconds before a pooled connection is closed (aiohttp's default)
 DNS_TTL = 10.0                   # seconds a resolved name is reused for new connections
@@ -207,13 +208,13 @@ class Pool:
                         server_hostname=(server_name or host) if tls is not None else None)
                 return proto
             except TimeoutError as exc:
-                error = UpstreamFailure("connect-failure", f"connect timeout to {host}:{port}")
+                error = UpstreamFailure(Outcome.CONNECT_FAILURE, f"connect timeout to {host}:{port}")
                 error.__cause__ = exc
             except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
                 error = connect_failure(exc, f"cannot connect to {host}:{port}")
         if isinstance(error, UpstreamFailure):
             raise error
-        raise UpstreamFailure("connect-failure", f"{host} resolved to no address")
+        raise UpstreamFailure(Outcome.CONNECT_FAILURE, f"{host} resolved to no address")
 
     def close(self) -> None:
         self._closed = True
@@ -226,5 +227,5 @@ class Pool:
         self._idle.clear()
         for waiter in self._waiters:
             if not waiter.done():
-                waiter.set_exception(UpstreamFailure("connect-failure", "the pool was closed"))
+                waiter.set_exception(UpstreamFailure(Outcome.CONNECT_FAILURE, "the pool was closed"))
         self._waiters.clear()
