@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Mapping
 from enum import IntEnum
 
 
@@ -68,7 +69,7 @@ def parse_status(value: str | None) -> GrpcCode | None:
         return GrpcCode.UNKNOWN
 
 
-def answer_status(headers, trailers) -> GrpcCode | None:
+def answer_status(headers: Mapping[str, str], trailers: Mapping[str, str] | None) -> GrpcCode | None:
     """The gRPC status of an answer (`headers`, `trailers`: mappings; trailers None until the body
     ended), if known yet: from a trailers-only head, or from the trailers. None for a non-gRPC answer."""
     if not is_grpc(headers.get("content-type")):

@@ -12,12 +12,13 @@ import json
 import mimetypes
 import os
 from collections.abc import Callable
-from dataclasses import MISSING, fields, replace
+from dataclasses import replace
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from sidecar.grpc_rules import encode_message
 from sidecar.policy import yaml12
-from sidecar.policy.checks import Checker, Path
+from sidecar.policy.checks import Checker
 from sidecar.policy.conditions import Conditions, parse_when
 from sidecar.policy.dump import policy_data
 from sidecar.policy.errors import PolicyError
@@ -26,10 +27,12 @@ from sidecar.policy.model import DEFAULT_MAX_TOKENS
 from sidecar.policy.model import (
     BackoffPolicy, BreakerPolicy, BudgetPolicy, CachePolicy, ConcurrencyPolicy, Endpoint,
     FallbackPolicy, FallbackTarget, FaultAbort, FaultDelay, FaultPolicy, HeaderMatch, HealthCheck,
-    HedgePolicy, Intercept, JsonMap, Listener, LlmPolicy, Match, OutlierPolicy, Policy, QueuePolicy,
+    HedgePolicy, Intercept, JsonMap, Listener, ListenerMode, LlmPolicy, Match, OutlierPolicy, Policy, QueuePolicy,
     RateLimitPolicy, RetryPolicy, Rewrite, Route, SlowCall, SplitTarget, StaticResponse, Telemetry, TlsConfig,
-    TracesConfig, Upstream, UpstreamEndpoint, WarmPath,
+    TracesConfig, Unmatched, Upstream, UpstreamEndpoint, WarmPath,
 )
+from sidecar.policy.plain import Doc, items, mapping, number, optional_flag, optional_text, text
+from sidecar.policy.yaml12 import Path
 
 DEFAULT_STATE_DIR = "/var/lib/sidecar"
 DEFAULT_LISTENER = Listener(name="egress", mode="proxy", port=15001)
@@ -41,7 +44,12 @@ DEFAULT_FALLBACK_WHEN = ["breaker-open", "retries-exhausted", "timeout", "concur
                          "connect-failure", "reset", "5xx"]
 DEFAULT_QUEUE_WHEN = ["breaker-open", "retries-exhausted"]
 
+# A converter takes the value at one key (and its path, for problems) and returns the record field's value.
 Convert = Callable[[object, Path], object]
+# Keyword arguments for a record's constructor, as `pick` gathers them: each value is what the converter
+# for that field returned, which the static type of a dict cannot tie to the field's own type; the
+# constructor checks the names at run time (a misnamed field fails every test that loads a policy).
+Fields = dict[str, Any]
 
 
 def build_policy(doc: yaml12.Document, file: str, *, digest: str, secrets: tuple[str, ...]) -> Policy:
@@ -52,19 +60,12 @@ def build_policy(doc: yaml12.Document, file: str, *, digest: str, secrets: tuple
     return replace(policy, redacted=policy_data(policy, redact=True))
 
 
-def _default(cls: type, name: str) -> object:
-    for f in fields(cls):
-        if f.name == name:
-            return f.default_factory() if f.default is MISSING else f.default   # type: ignore[misc]
-    raise AttributeError(name)
+def _int(value: object, _: Path = ()) -> int:
+    return int(number(value))         # the schema admits 3.0 as an integer
 
 
-def _int(value: object, _: Path) -> int:
-    return int(value)  # type: ignore[arg-type]   # the schema admits 3.0 as an integer
-
-
-def _float(value: object, _: Path) -> float:
-    return float(value)  # type: ignore[arg-type]
+def _float(value: object, _: Path = ()) -> float:
+    return float(number(value))
 
 
 def _same(value: object, _: Path) -> object:
@@ -72,11 +73,11 @@ def _same(value: object, _: Path) -> object:
 
 
 def _methods(value: object, _: Path) -> frozenset[str]:
-    return frozenset(m.upper() for m in value)  # type: ignore[union-attr]
+    return frozenset(text(m).upper() for m in items(value))
 
 
 def _pairs(value: object, _: Path) -> tuple[tuple[str, str], ...]:
-    return tuple(value.items())  # type: ignore[union-attr]
+    return tuple((k, text(v)) for k, v in mapping(value).items())
 
 
 def _dotted(path: str) -> tuple[str, ...]:
@@ -84,7 +85,7 @@ def _dotted(path: str) -> tuple[str, ...]:
 
 
 class _Builder(Checker):
-    def pick(self, data: dict, sub: Path, **convert: Convert) -> dict:
+    def pick(self, data: Doc, sub: Path, **convert: Convert) -> Fields:
         """Convert the keys present; absent keys are left to the dataclass defaults."""
         return {k: convert[k](v, sub + (k,)) for k, v in data.items() if k in convert}
 
@@ -92,51 +93,55 @@ class _Builder(Checker):
     def policy(self, digest: str, secrets: tuple[str, ...]) -> Policy:
         d = self.data
         upstreams = {name: self.upstream(name, u, ("upstreams", name))
-                     for name, u in (d.get("upstreams") or {}).items()}
+                     for name, u in mapping(d.get("upstreams") or {}).items()}
         admin = self.endpoint(d.get("admin"), DEFAULT_ADMIN)
         health = self.endpoint(d.get("health"), DEFAULT_HEALTH)
         listeners = self.listeners(d.get("listeners"))
         self.check_ports(listeners, admin, health)
-        defaults_raw = d.get("defaults") or {}
+        defaults_raw = mapping(d.get("defaults") or {})
         self.layers = [(("defaults",), defaults_raw)]
         defaults_line = self.doc.key_pos(("defaults",))[0] if "defaults" in d else 0
         defaults = self.route("default", defaults_raw, defaults_line)
-        routes = self.routes(d.get("routes") or [], defaults_raw)
+        routes = self.routes(items(d.get("routes") or []), defaults_raw)
         self.layers = [((), d)]
         return Policy(
             version=1, listeners=listeners, admin=admin, health=health,
-            telemetry=self.telemetry(d.get("telemetry") or {}), unmatched=d.get("unmatched", "passthrough"),
+            telemetry=self.telemetry(d.get("telemetry") or {}),
+            unmatched=cast(Unmatched, text(d.get("unmatched", "passthrough"))),   # the schema's enum
             upstreams=upstreams, defaults=defaults, routes=routes,
-            state_dir=os.path.join(self.base_dir, d.get("state_dir", DEFAULT_STATE_DIR)),
+            state_dir=os.path.join(self.base_dir, text(d.get("state_dir", DEFAULT_STATE_DIR))),
             source=self.file, digest=digest,
             redacted={}, secrets=secrets, llm=self.llm(d.get("llm") or {}))
 
-    def llm(self, d: dict) -> LlmPolicy:
-        prices = d.get("prices") or {}
-        return LlmPolicy(prices=tuple((str(model), float(p.get("input_per_million", 0)),
-                                       float(p.get("output_per_million", 0))) for model, p in prices.items()))
+    def llm(self, value: object) -> LlmPolicy:
+        prices = [(model, mapping(p)) for model, p in mapping(mapping(value).get("prices") or {}).items()]
+        return LlmPolicy(prices=tuple((model, _float(p.get("input_per_million", 0)),
+                                       _float(p.get("output_per_million", 0))) for model, p in prices))
 
-    def endpoint(self, d: dict | None, default: Endpoint) -> Endpoint:
-        d = d or {}
-        return Endpoint(bind=d.get("bind", default.bind), port=int(d.get("port", default.port)))
+    def endpoint(self, value: object, default: Endpoint) -> Endpoint:
+        d = mapping(value or {})
+        return Endpoint(bind=text(d.get("bind", default.bind)), port=_int(d.get("port", default.port)))
 
-    def telemetry(self, d: dict) -> Telemetry:
-        traces = TracesConfig(**self.pick(d.get("traces") or {}, ("telemetry", "traces"),
+    def telemetry(self, value: object) -> Telemetry:
+        d = mapping(value)
+        traces = TracesConfig(**self.pick(mapping(d.get("traces") or {}), ("telemetry", "traces"),
                                           endpoint=_same, protocol=_same, sample_ratio=_float))
         return Telemetry(**self.pick(d, ("telemetry",), service_name=_same), traces=traces)
 
-    def listeners(self, items: list | None) -> tuple[Listener, ...]:
-        if items is None:
+    def listeners(self, value: object) -> tuple[Listener, ...]:
+        if value is None:
             return (DEFAULT_LISTENER,)
-        modes = [d.get("mode", "proxy") for d in items]
-        out, seen = [], {}
-        for i, d in enumerate(items):
+        listed = [mapping(d) for d in items(value)]
+        modes = [cast(ListenerMode, text(d.get("mode", "proxy"))) for d in listed]   # the schema's enum
+        out: list[Listener] = []
+        seen: dict[str, int] = {}
+        for i, d in enumerate(listed):
             sub, mode = ("listeners", i), modes[i]
             port = d.get("port", DEFAULT_PORTS.get(mode))
-            name = d.get("name") or (mode if modes.count(mode) == 1 else f"{mode}-{port}")
+            name = text(d.get("name") or (mode if modes.count(mode) == 1 else f"{mode}-{port}"))
             if port is None:
                 self.fail(sub, f"listener '{name}': a reverse listener needs a port")
-            upstream = d.get("upstream")
+            upstream = optional_text(d.get("upstream"))
             if mode == "reverse" and upstream is None:
                 self.fail(sub, f"listener '{name}': a reverse listener needs an upstream")
             elif mode != "reverse" and upstream is not None:
@@ -146,7 +151,7 @@ class _Builder(Checker):
             if name in seen:
                 self.fail(sub, f"duplicate listener name '{name}' (first at line {seen[name]})")
             seen.setdefault(name, self.doc.value_pos(sub)[0])
-            extra = {}
+            extra: Fields = {}
             if "sniff_timeout" in d:
                 if mode != "transparent":
                     self.fail(sub + ("sniff_timeout",), f"listener '{name}': only a transparent listener sniffs")
@@ -157,18 +162,20 @@ class _Builder(Checker):
                 if mode == "reverse":
                     self.fail(sub + ("intercept",), f"listener '{name}': interception is for proxy and "
                                                     "transparent listeners (a reverse listener's app speaks plain HTTP)")
-                ic = d["intercept"]
-                ca = ic.get("ca") or {}
+                ic = mapping(d["intercept"])
+                ca = mapping(ic.get("ca") or {})
                 extra["intercept"] = Intercept(
-                    hosts=tuple(h.lower().rstrip(".") for h in ic["hosts"]),
-                    ca_cert_file=os.path.join(self.base_dir, ca["cert_file"]) if ca else None,
-                    ca_key_file=os.path.join(self.base_dir, ca["key_file"]) if ca else None)
-            out.append(Listener(name=name, mode=mode, port=int(port or 0),
-                                bind=d.get("bind", "127.0.0.1"), upstream=upstream, **extra))
+                    hosts=tuple(text(h).lower().rstrip(".") for h in items(ic["hosts"])),
+                    ca_cert_file=os.path.join(self.base_dir, text(ca["cert_file"])) if ca else None,
+                    ca_key_file=os.path.join(self.base_dir, text(ca["key_file"])) if ca else None)
+            out.append(Listener(name=name, mode=mode, port=_int(port or 0),
+                                bind=text(d.get("bind", "127.0.0.1")), upstream=upstream, **extra))
         return tuple(out)
 
-    def upstream(self, name: str, d: dict, sub: Path) -> Upstream:
-        listed = [self.upstream_endpoint(e, sub + ("endpoints", i)) for i, e in enumerate(d.get("endpoints", []))]
+    def upstream(self, name: str, value: object, sub: Path) -> Upstream:
+        d = mapping(value)
+        listed = [self.upstream_endpoint(e, sub + ("endpoints", i))
+                  for i, e in enumerate(items(d.get("endpoints", [])))]
         if "url" in d and listed:
             self.fail(sub + ("endpoints",), f"upstream '{name}': give either url or endpoints, not both")
         discovery = d.get("discovery", "none")
@@ -183,7 +190,7 @@ class _Builder(Checker):
         kw = self.pick(d, sub, connect_timeout=self.duration, max_connections=_int, headers=_pairs,
                        protocol=_same, health_check=self.health_check, tls=self.tls, discovery=_same,
                        refresh=self.duration, balance=_same, outlier=self.outlier,
-                       resolver=lambda v, _: tuple(v["servers"]))
+                       resolver=lambda v, _: tuple(text(s) for s in items(mapping(v)["servers"])))
         if discovery == "dns" and kw.get("refresh", 1.0) <= 0:
             self.fail(sub + ("refresh",), "refresh must be longer than 0s")
         protocol = kw.get("protocol")
@@ -197,8 +204,9 @@ class _Builder(Checker):
         return Upstream(name=name, url=first.url, scheme=first.scheme, host=first.host, port=first.port,
                         base_path=first.base_path, endpoints=tuple(listed) if len(listed) > 0 else (), **kw)
 
-    def upstream_endpoint(self, d: dict, sub: Path) -> UpstreamEndpoint:
-        url = d["url"]
+    def upstream_endpoint(self, value: object, sub: Path) -> UpstreamEndpoint:
+        d = mapping(value)
+        url = text(d["url"])
         usub = sub + ("url",)
         try:
             parts = urlsplit(url)
@@ -214,41 +222,43 @@ class _Builder(Checker):
         scheme = parts.scheme.lower()
         return UpstreamEndpoint(url=url, scheme=scheme, host=f"[{host}]" if ":" in host else host,
                                 port=port if port is not None else (443 if scheme == "https" else 80),
-                                base_path=parts.path.rstrip("/"), weight=int(d.get("weight", 1)),
+                                base_path=parts.path.rstrip("/"), weight=_int(d.get("weight", 1)),
                                 headers=_pairs(d.get("headers", {}), sub))
 
-    def outlier(self, d: dict, sub: Path) -> OutlierPolicy:
-        kw = self.pick(d, sub, consecutive_failures=_int, eject_for=self.duration,
+    def outlier(self, value: object, sub: Path) -> OutlierPolicy:
+        kw = self.pick(mapping(value), sub, consecutive_failures=_int, eject_for=self.duration,
                        max_eject_for=self.duration,
-                       max_ejected=lambda v, _: float(v.rstrip("%")) if isinstance(v, str) else float(v))
+                       max_ejected=lambda v, _: float(v.rstrip("%")) if isinstance(v, str) else _float(v))
         return OutlierPolicy(**kw)
 
-    def health_check(self, d: dict, sub: Path) -> HealthCheck:
-        return HealthCheck(**self.pick(d, sub, path=_same, interval=self.duration, timeout=self.duration,
+    def health_check(self, value: object, sub: Path) -> HealthCheck:
+        return HealthCheck(**self.pick(mapping(value), sub, path=_same, interval=self.duration, timeout=self.duration,
                                        unhealthy_after=_int, healthy_after=_int))
 
-    def tls(self, d: dict, sub: Path) -> TlsConfig:
-        kw = self.pick(d, sub, ca_file=_same, verify=_same, server_name=_same)
+    def tls(self, value: object, sub: Path) -> TlsConfig:
+        kw = self.pick(mapping(value), sub, ca_file=_same, verify=_same, server_name=_same)
         if "ca_file" in kw:               # relative to the policy file, like body_file
             kw["ca_file"] = os.path.join(self.base_dir, kw["ca_file"])
         return TlsConfig(**kw)
 
     # --- routes -------------------------------------------------------------------------------------
-    def routes(self, items: list, defaults_raw: dict) -> tuple[Route, ...]:
-        out, seen = [], {}
-        for i, raw in enumerate(items):
+    def routes(self, listed: list[object], defaults_raw: Doc) -> tuple[Route, ...]:
+        out: list[Route] = []
+        seen: dict[str, int] = {}
+        for i, value in enumerate(listed):
             sub = ("routes", i)
+            raw = mapping(value)
             self.layers = [(sub, raw), (("defaults",), defaults_raw)]
-            name, line = raw["name"], self.doc.value_pos(sub)[0]
+            name, line = text(raw["name"]), self.doc.value_pos(sub)[0]
             if name == "default":
                 self.fail(("name",), "the route name 'default' is reserved for unmatched requests")
             if name in seen:
                 self.fail(("name",), f"duplicate route name '{name}' (first at line {seen[name]})")
             seen.setdefault(name, line)
-            out.append(self.route(name, deep_merge(defaults_raw, raw), line))
+            out.append(self.route(name, mapping(deep_merge(defaults_raw, raw)), line))
         return tuple(out)
 
-    def route(self, name: str, d: dict, line: int) -> Route:
+    def route(self, name: str, d: Doc, line: int) -> Route:
         kw = self.pick(d, (), match=self.match, upstream=self.upstream_ref, split=self.split, timeout=self.duration,
                        per_try_timeout=self.optional_duration, retry=self.retry, breaker=self.breaker,
                        concurrency=self.concurrency, hedge=self.hedge, cache=self.cache,
@@ -263,9 +273,9 @@ class _Builder(Checker):
                     self.fail(("fallback", "targets", i), "a {cache: stale} target needs a cache on the route")
         return route
 
-    def split(self, items: list, sub: Path) -> tuple[SplitTarget, ...]:
+    def split(self, value: object, sub: Path) -> tuple[SplitTarget, ...]:
         out = tuple(SplitTarget(upstream=self.upstream_ref(t["upstream"], sub + (i, "upstream")),
-                                weight=int(t["weight"])) for i, t in enumerate(items))
+                                weight=_int(t["weight"])) for i, t in enumerate(map(mapping, items(value))))
         if out and sum(t.weight for t in out) <= 0:
             self.fail(sub, "a split needs at least one weight above 0")
         names = [t.upstream for t in out]
@@ -274,83 +284,97 @@ class _Builder(Checker):
                 self.fail(sub + (i, "upstream"), f"upstream '{n}' is listed twice in the split")
         return out
 
-    def match(self, d: dict, sub: Path) -> Match:
-        host = d.get("host")
-        host = None if host in (None, "*") else host.lower().rstrip(".")
-        headers = tuple(self.header_match(h, sub + ("headers", i)) for i, h in enumerate(d.get("headers", [])))
-        regex = d.get("path_regex")
-        return Match(host=host, path=d.get("path"), path_prefix=d.get("path_prefix"),
+    def match(self, value: object, sub: Path) -> Match:
+        d = mapping(value)
+        host = optional_text(d.get("host"))
+        host = None if host is None or host == "*" else host.lower().rstrip(".")
+        headers = tuple(self.header_match(h, sub + ("headers", i))
+                        for i, h in enumerate(items(d.get("headers", []))))
+        regex = optional_text(d.get("path_regex"))
+        return Match(host=host, path=optional_text(d.get("path")), path_prefix=optional_text(d.get("path_prefix")),
                      path_regex=None if regex is None else self.regex(regex, sub + ("path_regex",)),
                      methods=_methods(d["methods"], ()) if "methods" in d else None, headers=headers)
 
-    def header_match(self, d: dict, sub: Path) -> HeaderMatch:
-        regex = d.get("regex")
-        return HeaderMatch(name=d["name"].lower(), exact=d.get("exact"), present=d.get("present"),
+    def header_match(self, value: object, sub: Path) -> HeaderMatch:
+        d = mapping(value)
+        regex = optional_text(d.get("regex"))
+        return HeaderMatch(name=text(d["name"]).lower(), exact=optional_text(d.get("exact")),
+                           present=optional_flag(d.get("present")),
                            regex=None if regex is None else self.regex(regex, sub + ("regex",)))
 
-    def conditions(self, items: list, sub: Path) -> Conditions:
-        return parse_when(items)             # the schema has checked every item
+    def conditions(self, value: object, sub: Path) -> Conditions:
+        return parse_when(items(value))      # the schema has checked every item
 
-    def retry(self, d: dict | None, sub: Path) -> RetryPolicy | None:
-        if d is None:
+    def retry(self, value: object, sub: Path) -> RetryPolicy | None:
+        if value is None:
             return None
+        d = mapping(value)
         return RetryPolicy(**self.pick(
             d, sub, max_retries=_int, when=self.conditions, methods=_methods, backoff=self.backoff,
             respect_retry_after=_same, max_body=self.size, budget=self.budget))
 
-    def backoff(self, d: dict, sub: Path) -> BackoffPolicy:
-        return BackoffPolicy(**self.pick(d, sub, base=self.duration, max=self.duration))
+    def backoff(self, value: object, sub: Path) -> BackoffPolicy:
+        return BackoffPolicy(**self.pick(mapping(value), sub, base=self.duration, max=self.duration))
 
-    def budget(self, d: dict | None, sub: Path) -> BudgetPolicy | None:
-        if d is None:
+    def budget(self, value: object, sub: Path) -> BudgetPolicy | None:
+        if value is None:
             return None
+        d = mapping(value)
         return BudgetPolicy(**self.pick(d, sub, ratio=_float, min_per_second=_float, window=self.duration))
 
-    def breaker(self, d: dict | None, sub: Path) -> BreakerPolicy | None:
-        if d is None:
+    def breaker(self, value: object, sub: Path) -> BreakerPolicy | None:
+        if value is None:
             return None
+        d = mapping(value)
         return BreakerPolicy(**self.pick(
-            d, sub, consecutive_failures=lambda v, _: None if v is None else int(v),
-            failure_rate=lambda v, _: None if v is None else float(v), min_requests=_int,
+            d, sub, consecutive_failures=lambda v, _: None if v is None else _int(v),
+            failure_rate=lambda v, _: None if v is None else _float(v), min_requests=_int,
             window=self.duration, slow_call=self.slow_call, open_for=self.duration,
             max_open_for=self.duration, half_open_requests=_int))
 
-    def slow_call(self, d: dict | None, sub: Path) -> SlowCall | None:
-        if d is None:
+    def slow_call(self, value: object, sub: Path) -> SlowCall | None:
+        if value is None:
             return None
-        return SlowCall(duration=self.duration(d["duration"], sub + ("duration",)), rate=float(d["rate"]))
+        d = mapping(value)
+        return SlowCall(duration=self.duration(d["duration"], sub + ("duration",)), rate=_float(d["rate"]))
 
-    def concurrency(self, d: dict | None, sub: Path) -> ConcurrencyPolicy | None:
-        return None if d is None else ConcurrencyPolicy(max=int(d["max"]))
+    def concurrency(self, value: object, sub: Path) -> ConcurrencyPolicy | None:
+        return None if value is None else ConcurrencyPolicy(max=_int(mapping(value)["max"]))
 
-    def hedge(self, d: dict | None, sub: Path) -> HedgePolicy | None:
-        if d is None:
+    def hedge(self, value: object, sub: Path) -> HedgePolicy | None:
+        if value is None:
             return None
+        d = mapping(value)
         return HedgePolicy(**self.pick(d, sub, delay=self.duration, max_extra=_int))
 
-    def cache(self, d: dict | None, sub: Path) -> CachePolicy | None:
-        if d is None:
+    def cache(self, value: object, sub: Path) -> CachePolicy | None:
+        if value is None:
             return None
+        d = mapping(value)
         kw = self.pick(d, sub, ttl=self.duration, stale_if_error=self.duration,
                        stale_while_revalidate=self.duration, max_entries=_int, max_bytes=self.size,
                        max_body=self.size, store=_same,
-                       key=lambda v, _: tuple(k if ":" not in k else "header:" + k[7:].lower() for k in v),
-                       statuses=lambda v, _: frozenset(int(s) for s in v))
-        ttl = kw.get("ttl", _default(CachePolicy, "ttl"))
+                       key=lambda v, _: tuple(k if ":" not in k else "header:" + k[7:].lower()
+                                              for k in map(text, items(v))),
+                       statuses=lambda v, _: frozenset(_int(s) for s in items(v)))
+        ttl = kw.get("ttl", CachePolicy().ttl)
         # A warm path without `every` is refreshed once per ttl: it never goes stale.
-        kw["warm"] = tuple(WarmPath(path=w["path"], every=self.duration(w.get("every", ttl), sub + ("warm", i)))
-                           for i, w in enumerate(d.get("warm", [])))
+        kw["warm"] = tuple(WarmPath(path=text(w["path"]),
+                                    every=self.duration(w.get("every", ttl), sub + ("warm", i)))
+                           for i, w in enumerate(map(mapping, items(d.get("warm", [])))))
         return CachePolicy(**kw)
 
-    def fallback(self, d: dict | None, sub: Path) -> FallbackPolicy | None:
-        if d is None:
+    def fallback(self, value: object, sub: Path) -> FallbackPolicy | None:
+        if value is None:
             return None
+        d = mapping(value)
         when = self.conditions(d.get("when", DEFAULT_FALLBACK_WHEN), sub + ("when",))
-        targets = tuple(self.target(t, sub + ("targets", i)) for i, t in enumerate(d["targets"]))
+        targets = tuple(self.target(t, sub + ("targets", i)) for i, t in enumerate(items(d["targets"])))
         hedge = self.duration(d["hedge"], sub + ("hedge",)) if "hedge" in d else None
         return FallbackPolicy(when=when, targets=targets, hedge=hedge)
 
-    def target(self, d: dict, sub: Path) -> FallbackTarget:
+    def target(self, value: object, sub: Path) -> FallbackTarget:
+        d = mapping(value)
         if "cache" in d:
             return FallbackTarget(kind="cache")
         if "static" in d:
@@ -359,24 +383,27 @@ class _Builder(Checker):
         return FallbackTarget(kind="upstream", upstream=self.upstream_ref(d["upstream"], sub + ("upstream",)),
                               rewrite=rewrite)
 
-    def rewrite(self, d: dict, sub: Path) -> Rewrite:
+    def rewrite(self, value: object, sub: Path) -> Rewrite:
+        d = mapping(value)
         maps = tuple(JsonMap(path=_dotted(field), default=m.get("*"), has_default="*" in m,
                              mapping=tuple((k, v) for k, v in m.items() if k != "*"))
-                     for field, m in d.get("json_map", {}).items())
-        sets = tuple((_dotted(field), value) for field, value in d.get("json_set", {}).items())
-        return Rewrite(path=d.get("path"), set_headers=tuple(d.get("headers", {}).items()),
-                       remove_headers=tuple(h.lower() for h in d.get("remove_headers", [])),
-                       json_map=maps, json_set=sets, translate=d.get("translate"),
-                       max_tokens=d.get("max_tokens", DEFAULT_MAX_TOKENS))
+                     for field, m in ((f, mapping(m)) for f, m in mapping(d.get("json_map", {})).items()))
+        sets = tuple((_dotted(field), v) for field, v in mapping(d.get("json_set", {})).items())
+        return Rewrite(path=optional_text(d.get("path")), set_headers=_pairs(d.get("headers", {}), sub),
+                       remove_headers=tuple(text(h).lower() for h in items(d.get("remove_headers", []))),
+                       json_map=maps, json_set=sets, translate=optional_text(d.get("translate")),
+                       max_tokens=_int(d.get("max_tokens", DEFAULT_MAX_TOKENS)))
 
-    def static(self, d: dict, sub: Path) -> StaticResponse:
-        headers = tuple((k, v) for k, v in d.get("headers", {}).items() if k.lower() != "content-type")
-        content_type = next((v for k, v in d.get("headers", {}).items() if k.lower() == "content-type"), None)
+    def static(self, value: object, sub: Path) -> StaticResponse:
+        d = mapping(value)
+        given = _pairs(d.get("headers", {}), sub)
+        headers = tuple((k, v) for k, v in given if k.lower() != "content-type")
+        content_type = next((v for k, v in given if k.lower() == "content-type"), None)
         body = b""
         if "grpc_status" in d:          # a gRPC error, trailers-only: HTTP 200 with the status in the head
             if "message" in d:
-                headers += (("grpc-message", encode_message(d["message"])),)
-            return StaticResponse(status=200, headers=(("grpc-status", str(int(d["grpc_status"]))), *headers),
+                headers += (("grpc-message", encode_message(text(d["message"]))),)
+            return StaticResponse(status=200, headers=(("grpc-status", str(_int(d["grpc_status"]))), *headers),
                                   content_type=content_type or "application/grpc")
         if "message" in d:
             self.fail(sub + ("message",), "message goes with grpc_status (a gRPC error answer)")
@@ -384,40 +411,44 @@ class _Builder(Checker):
             body = json.dumps(d["json"], separators=(",", ":"), ensure_ascii=False).encode()
             content_type = content_type or "application/json"
         elif "body" in d:
-            body = d["body"].encode()
+            body = text(d["body"]).encode()
         elif "body_file" in d:
-            body = self.body_file(d["body_file"], sub + ("body_file",))
-            content_type = content_type or mimetypes.guess_type(d["body_file"])[0]
-        return StaticResponse(status=int(d.get("status", 200)), headers=headers, body=body,
+            name = text(d["body_file"])
+            body = self.body_file(name, sub + ("body_file",))
+            content_type = content_type or mimetypes.guess_type(name)[0]
+        return StaticResponse(status=_int(d.get("status", 200)), headers=headers, body=body,
                               content_type=content_type)
 
-    def queue(self, d: dict | None, sub: Path) -> QueuePolicy | None:
-        if d is None:
+    def queue(self, value: object, sub: Path) -> QueuePolicy | None:
+        if value is None:
             return None
+        d = mapping(value)
         kw = self.pick(d, sub, max_items=_int, max_age=self.duration, store=_same,
                        visibility_timeout=self.duration, handoff=_same)
         return QueuePolicy(when=self.conditions(d.get("when", DEFAULT_QUEUE_WHEN), sub + ("when",)), **kw)
 
-    def fault(self, d: dict | None, sub: Path) -> FaultPolicy | None:
-        if d is None:
+    def fault(self, value: object, sub: Path) -> FaultPolicy | None:
+        if value is None:
             return None
-        abort, delay, header = d.get("abort"), d.get("delay"), d.get("header")
+        d = mapping(value)
+        abort, delay, header = (mapping(d.get(k) or {}) for k in ("abort", "delay", "header"))
         return FaultPolicy(
-            abort=FaultAbort(int(abort["status"]), float(abort["percent"])) if abort else None,
+            abort=FaultAbort(_int(abort["status"]), _float(abort["percent"])) if abort else None,
             delay=FaultDelay(self.duration(delay["duration"], sub + ("delay", "duration")),
-                             float(delay["percent"])) if delay else None,
-            header=(header["name"].lower(), header.get("value")) if header else None)
+                             _float(delay["percent"])) if delay else None,
+            header=(text(header["name"]).lower(), optional_text(header.get("value"))) if header else None)
 
-    def rate_limit(self, d: dict | None, sub: Path) -> RateLimitPolicy | None:
-        if d is None:
+    def rate_limit(self, value: object, sub: Path) -> RateLimitPolicy | None:
+        if value is None:
             return None
-        tokens = int(d["tokens_per_minute"]) if "tokens_per_minute" in d else None
-        key = d.get("key")
-        fleet = {"store": d.get("store", "local"), "max_keys": int(d.get("max_keys", 10_000)),
-                 "key": key[len("header:"):].lower() if key else None}
+        d = mapping(value)
+        key = optional_text(d.get("key"))
+        limit = RateLimitPolicy(tokens_per_minute=_int(d["tokens_per_minute"]) if "tokens_per_minute" in d else None,
+                                store=text(d.get("store", "local")), max_keys=_int(d.get("max_keys", 10_000)),
+                                key=key[len("header:"):].lower() if key else None)
         if "per_second" not in d:
-            return RateLimitPolicy(tokens_per_minute=tokens, **fleet)
-        per_second = float(d["per_second"])
+            return limit
+        per_second = _float(d["per_second"])
         # Without `burst`, a bucket holds one second's worth (at least one request).
-        burst = int(d["burst"]) if "burst" in d else max(1, round(per_second))
-        return RateLimitPolicy(per_second=per_second, burst=burst, tokens_per_minute=tokens, **fleet)
+        burst = _int(d["burst"]) if "burst" in d else max(1, round(per_second))
+        return replace(limit, per_second=per_second, burst=burst)

@@ -15,22 +15,23 @@ from sidecar.policy import yaml12
 from sidecar.policy.errors import Problem, suggest
 from sidecar.policy.merge import has_path
 from sidecar.policy.model import Endpoint, Listener
+from sidecar.policy.plain import mapping
 from sidecar.policy.units import parse_duration, parse_size
+from sidecar.policy.yaml12 import Path
 
 MAX_BODY_FILE = 16 * 1024 * 1024
 _WILDCARD_BINDS = {"0.0.0.0", "::", "[::]", "*", ""}
-
-Path = tuple
 
 
 class Checker:
     """The policy document being built, the problems found so far, and the checks that find them."""
 
     def __init__(self, doc: yaml12.Document, file: str):
-        self.doc, self.file, self.data = doc, file, doc.data
+        self.doc, self.file = doc, file
+        self.data = mapping(doc.data)     # load.py refused a document that is not a mapping
         self.base_dir = os.path.dirname(os.path.abspath(file))
         self.problems: list[Problem] = []
-        self.upstream_names = set(self.data.get("upstreams") or {})
+        self.upstream_names = set(mapping(self.data.get("upstreams") or {}))
         # Where a value was written: the route first, then `defaults` (see `_locate`).
         self.layers: list[tuple[Path, object]] = [((), self.data)]
 
@@ -72,8 +73,9 @@ class Checker:
     def check_ports(self, listeners: tuple[Listener, ...], admin: Endpoint, health: Endpoint) -> None:
         taken: list[tuple[str, str, int]] = []
         # admin and health first: when they clash with a listener, the listener's line is the useful one.
-        sockets = [("the admin endpoint", admin.bind, admin.port, ("admin", "port")),
-                   ("the health endpoint", health.bind, health.port, ("health", "port"))]
+        sockets: list[tuple[str, str, int, Path]] = [
+            ("the admin endpoint", admin.bind, admin.port, ("admin", "port")),
+            ("the health endpoint", health.bind, health.port, ("health", "port"))]
         sockets += [(f"listener '{l.name}'", l.bind, l.port, ("listeners", i, "port"))
                     for i, l in enumerate(listeners)]
         for label, bind, port, sub in sockets:

@@ -8,6 +8,7 @@ environment has that value replaced.
 from __future__ import annotations
 
 import json
+from typing import overload
 
 from sidecar.policy.conditions import Conditions
 from sidecar.policy.model import (
@@ -19,8 +20,10 @@ from sidecar.policy.units import format_duration as _d, format_size as _size
 
 REDACTED = "<redacted>"
 
+Data = dict[str, object]   # a mapping in the policy file's shape (JSON-able)
 
-def policy_data(policy: Policy, *, redact: bool = True) -> dict:
+
+def policy_data(policy: Policy, *, redact: bool = True) -> Data:
     data = {
         "version": policy.version,
         "listeners": [_drop_none({"name": l.name, "mode": l.mode, "port": l.port, "bind": l.bind,
@@ -43,8 +46,8 @@ def policy_data(policy: Policy, *, redact: bool = True) -> dict:
     return scrub(data, policy.secrets) if redact else data
 
 
-def _rate_limit(limit: RateLimitPolicy) -> dict:
-    out: dict = {}
+def _rate_limit(limit: RateLimitPolicy) -> Data:
+    out: Data = {}
     if limit.per_second is not None:
         out.update(per_second=_num(limit.per_second), burst=limit.burst)
     if limit.tokens_per_minute is not None:
@@ -57,6 +60,13 @@ def _rate_limit(limit: RateLimitPolicy) -> dict:
     return out
 
 
+# The shape that goes in comes out: a mapping stays a mapping (`policy_data`), a string a string (messages).
+@overload
+def scrub(data: Data, secrets: tuple[str, ...]) -> Data: ...
+@overload
+def scrub(data: str, secrets: tuple[str, ...]) -> str: ...
+@overload
+def scrub(data: object, secrets: tuple[str, ...]) -> object: ...
 def scrub(data: object, secrets: tuple[str, ...]) -> object:
     """Every occurrence of a secret in a string value replaced by "<redacted>"."""
     if isinstance(data, dict):
@@ -69,8 +79,8 @@ def scrub(data: object, secrets: tuple[str, ...]) -> object:
     return data
 
 
-def upstream_data(u: Upstream, *, redact: bool) -> dict:
-    out: dict = {}
+def upstream_data(u: Upstream, *, redact: bool) -> Data:
+    out: Data = {}
     if u.endpoints:
         out["endpoints"] = [_drop_empty({"url": e.url, "weight": e.weight,
                                          "headers": {k: REDACTED if redact else v for k, v in e.headers}})
@@ -101,13 +111,13 @@ def upstream_data(u: Upstream, *, redact: bool) -> dict:
     return out
 
 
-def route_data(r: Route, *, identity: bool = True, nulls: bool = False) -> dict:
+def route_data(r: Route, *, identity: bool = True, nulls: bool = False) -> Data:
     """A route as policy data; `identity=False` leaves out name, match and upstream (as in `defaults`).
 
     `nulls=True` writes a feature that is off as `null`, as a route must to switch off what its
     `defaults` turn on: then the data loads back to the same route.
     """
-    out: dict = {}
+    out: Data = {}
     if identity:
         out["name"] = r.name
         if (match := match_data(r.match)):
@@ -133,7 +143,7 @@ def route_data(r: Route, *, identity: bool = True, nulls: bool = False) -> dict:
     return out
 
 
-def match_data(m: Match) -> dict:
+def match_data(m: Match) -> Data:
     headers = []
     for h in m.headers:
         test = ({"exact": h.exact} if h.exact is not None else
@@ -145,13 +155,13 @@ def match_data(m: Match) -> dict:
                        "headers": headers or None})
 
 
-def conditions_data(c: Conditions) -> list:
+def conditions_data(c: Conditions) -> list[object]:
     return [*sorted(c.names), *sorted(c.statuses),
             *({"json": ".".join(j.path), "equals": j.equals} for j in c.json)]
 
 
-def _retry(r: RetryPolicy) -> dict:
-    out: dict = {"max_retries": r.max_retries, "when": conditions_data(r.when)}
+def _retry(r: RetryPolicy) -> Data:
+    out: Data = {"max_retries": r.max_retries, "when": conditions_data(r.when)}
     if r.methods is not None:
         out["methods"] = sorted(r.methods)
     out["backoff"] = {"base": _d(r.backoff.base), "max": _d(r.backoff.max)}
@@ -163,7 +173,7 @@ def _retry(r: RetryPolicy) -> dict:
     return out
 
 
-def _breaker(b: BreakerPolicy) -> dict:
+def _breaker(b: BreakerPolicy) -> Data:
     return {"consecutive_failures": b.consecutive_failures, "failure_rate": b.failure_rate,
             "min_requests": b.min_requests, "window": _d(b.window),
             "slow_call": None if b.slow_call is None else {"duration": _d(b.slow_call.duration),
@@ -172,7 +182,7 @@ def _breaker(b: BreakerPolicy) -> dict:
             "half_open_requests": b.half_open_requests}
 
 
-def _cache(c: CachePolicy) -> dict:
+def _cache(c: CachePolicy) -> Data:
     return {"ttl": _d(c.ttl), "stale_if_error": _d(c.stale_if_error),
             "stale_while_revalidate": _d(c.stale_while_revalidate), "key": list(c.key),
             "statuses": sorted(c.statuses), "max_entries": c.max_entries, "max_bytes": _size(c.max_bytes),
@@ -180,26 +190,26 @@ def _cache(c: CachePolicy) -> dict:
             "warm": [{"path": w.path, "every": _d(w.every)} for w in c.warm]}
 
 
-def _fallback(f: FallbackPolicy) -> dict:
-    out: dict = {"when": conditions_data(f.when)}
+def _fallback(f: FallbackPolicy) -> Data:
+    out: Data = {"when": conditions_data(f.when)}
     if f.hedge is not None:
         out["hedge"] = _d(f.hedge)
     out["targets"] = [_target(t) for t in f.targets]
     return out
 
 
-def _target(t: FallbackTarget) -> dict:
+def _target(t: FallbackTarget) -> Data:
     if t.kind == "cache":
         return {"cache": "stale"}
     if t.kind == "static" and t.static is not None:
         return {"static": _static(t.static)}
-    out: dict = {"upstream": t.upstream}
+    out: Data = {"upstream": t.upstream}
     if t.rewrite is not None:
         out["rewrite"] = _rewrite(t.rewrite)
     return out
 
 
-def _rewrite(r: Rewrite) -> dict:
+def _rewrite(r: Rewrite) -> Data:
     json_map = {}
     for m in r.json_map:
         json_map[".".join(m.path)] = {**dict(m.mapping), **({"*": m.default} if m.has_default else {})}
@@ -209,8 +219,8 @@ def _rewrite(r: Rewrite) -> dict:
                         "json_set": {".".join(path): value for path, value in r.json_set}})
 
 
-def _static(s: StaticResponse) -> dict:
-    out: dict = {"status": s.status}
+def _static(s: StaticResponse) -> Data:
+    out: Data = {"status": s.status}
     headers = dict(s.headers)
     if s.content_type == "application/json":
         try:
@@ -225,8 +235,8 @@ def _static(s: StaticResponse) -> dict:
     return out
 
 
-def _fault(f: FaultPolicy) -> dict:
-    out: dict = {}
+def _fault(f: FaultPolicy) -> Data:
+    out: Data = {}
     if f.abort is not None:
         out["abort"] = {"status": f.abort.status, "percent": _num(f.abort.percent)}
     if f.delay is not None:
@@ -236,7 +246,7 @@ def _fault(f: FaultPolicy) -> dict:
     return out
 
 
-def _queue(q: QueuePolicy) -> dict:
+def _queue(q: QueuePolicy) -> Data:
     out = {"when": conditions_data(q.when), "max_items": q.max_items, "max_age": _d(q.max_age), "store": q.store}
     if q.store != "state_dir":
         out["visibility_timeout"] = _d(q.visibility_timeout)
@@ -250,9 +260,9 @@ def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
 
-def _drop_none(d: dict) -> dict:
+def _drop_none(d: Data) -> Data:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def _drop_empty(d: dict) -> dict:
+def _drop_empty(d: Data) -> Data:
     return {k: v for k, v in d.items() if v not in (None, {}, [])}

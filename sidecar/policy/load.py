@@ -95,7 +95,7 @@ def _parse(path: str, raw: bytes) -> yaml12.Document:
     return doc
 
 
-def _validate(doc: yaml12.Document, path: str, expansion: list[tuple[tuple, str]]) -> None:
+def _validate(doc: yaml12.Document, path: str, expansion: list[tuple[yaml12.Path, str]]) -> None:
     """Expansion and schema problems together; a value whose expansion failed gets no schema error too."""
     problems = [Problem(path, *doc.value_pos(p), msg) for p, msg in expansion]
     failed = [p for p, _ in expansion]
@@ -109,7 +109,7 @@ class _Expander:
 
     def __init__(self, env: Mapping[str, str]):
         self.env = env
-        self.problems: list[tuple[tuple, str]] = []
+        self.problems: list[tuple[yaml12.Path, str]] = []
         self.found: set[str] = set()
 
     @property
@@ -117,7 +117,7 @@ class _Expander:
         # Longest first, so redacting "abc123" happens before its substring "abc".
         return tuple(sorted(self.found, key=lambda s: (-len(s), s)))
 
-    def expand(self, value: object, path: tuple) -> object:
+    def expand(self, value: object, path: yaml12.Path) -> object:
         if isinstance(value, dict):
             return {k: self.expand(v, path + (k,)) for k, v in value.items()}
         if isinstance(value, list):
@@ -130,7 +130,7 @@ class _Expander:
             self.problems.append((path, f"{value} is too large"))
         return value
 
-    def string(self, text: str, path: tuple) -> object:
+    def string(self, text: str, path: yaml12.Path) -> object:
         if "${" not in text:
             return str(text)
         try:
@@ -174,14 +174,14 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
 
 
-def _schema_problems(doc: yaml12.Document, file: str) -> Iterator[tuple[tuple, Problem]]:
+def _schema_problems(doc: yaml12.Document, file: str) -> Iterator[tuple[yaml12.Path, Problem]]:
     for error in _validator().iter_errors(doc.data):
         for path, key, message in _explain(error):
             pos = doc.key_pos(path) if key else doc.value_pos(path)
             yield path, Problem(file, *pos, message)
 
 
-def _explain(err: jsonschema.ValidationError) -> Iterator[tuple[tuple, bool, str]]:
+def _explain(err: jsonschema.ValidationError) -> Iterator[tuple[yaml12.Path, bool, str]]:
     """(path, points at the key?, message) for one schema error."""
     path = tuple(err.absolute_path)
     where = _dotted(path)
@@ -212,7 +212,7 @@ def _explain(err: jsonschema.ValidationError) -> Iterator[tuple[tuple, bool, str
         yield path, False, prefix + _message(err, schema)
 
 
-def _message(err: jsonschema.ValidationError, schema: dict) -> str:
+def _message(err: jsonschema.ValidationError, schema: Mapping[str, object]) -> str:
     kind, value = err.validator, err.instance
     if "errorMessage" in schema and kind in ("anyOf", "oneOf", "not", "pattern", "const", "minProperties"):
         got = "" if isinstance(value, (dict, list)) else f", got {_describe(value)}"
@@ -222,14 +222,14 @@ def _message(err: jsonschema.ValidationError, schema: dict) -> str:
         return f"{schema['errorMessage']}{got}{hint}"
     if kind == "type":
         types = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
-        return f"expected {' or '.join(_JSON_TYPES.get(t, t) for t in types)}, got {_describe(value)}"
+        return f"expected {' or '.join(_JSON_TYPES.get(t, str(t)) for t in types)}, got {_describe(value)}"
     if kind == "enum":
         choices = [str(c) for c in err.validator_value]
         hint = suggest(value, choices) if isinstance(value, str) else ""
         return f"expected one of {', '.join(choices)}, got {_describe(value)}{hint}"
     if kind == "const":
         return f"expected {err.validator_value!r}, got {_describe(value)}"
-    return err.message
+    return str(err.message)
 
 
 def _describe(value: object) -> str:
@@ -245,7 +245,7 @@ def _describe(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _dotted(path: tuple) -> str:
+def _dotted(path: yaml12.Path) -> str:
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-Path = tuple  # of str (mapping keys) and int (list indices)
+Path = tuple[str | int, ...]  # mapping keys and list indices, from the document's root
 Pos = tuple[int, int]
 
 MAX_DEPTH = 64            # far deeper than any policy; bounds recursion in every later pass
@@ -50,9 +50,9 @@ class PlainRef(str):
     __slots__ = ()
 
 
-class Loader12(yaml.SafeLoader):
+class Loader12(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints: SafeLoader is Any
     """SafeLoader with the YAML 1.2 core schema's implicit resolvers and nothing else."""
-    yaml_implicit_resolvers: dict = {}
+    yaml_implicit_resolvers: dict[str | None, list[tuple[str, re.Pattern[str]]]] = {}
 
 
 
@@ -146,7 +146,7 @@ class _Walker:
             return [self.walk(item, path + (i,)) for i, item in enumerate(node.value)]
         return self.scalar(node)
 
-    def mapping(self, node: MappingNode, path: Path) -> dict:
+    def mapping(self, node: MappingNode, path: Path) -> dict[str, object]:
         if node.tag != _T + "map":
             raise self.fail(node, f"unsupported tag {node.tag!r}")
         result: dict[str, object] = {}
