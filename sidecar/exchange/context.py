@@ -13,7 +13,7 @@ a fake transport (httpx's MockTransport idea) and this package imports nothing a
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 Sleep = Callable[[float], Awaitable[None]]
 # (trace_id, parent_span_id, caller_sampled) -> the `sampled` flag sent upstream
 HeadSampler = Callable[[str, "str | None", bool], bool]
-Handler = Callable[["Exchange", "Call"], Awaitable["Reply"]]
+# A route's stack, or what is under a layer (its `next`): an async function, so a layer may run it as a
+# task (hedging races one try against the next).
+Handler = Callable[["Exchange", "Call"], Coroutine[Any, Any, "Reply"]]
 EgressGuard = frozenset[int]                 # the sidecar's own ports, refused as destinations
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from sidecar.core.breaker import Transition, transition_decision
 from sidecar.core.decisions import Decision
 from sidecar.grpc_rules import SERVER_FAULTS
+from sidecar.exchange.context import Handler
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.pipeline.grpc import reply_code
 from sidecar.policy.conditions import Outcome
@@ -20,7 +21,7 @@ def note_transition(ex: Exchange, target: str, transition: Transition | None) ->
                   breaker_state=transition.new.value)
 
 
-async def breaker_layer(ex: Exchange, call: Call, next) -> Reply:
+async def breaker_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     health = ex.ctx.health.get(call.name)
     if health is not None and not health.healthy:
         ex.decide(Decision.UPSTREAM_UNHEALTHY, "failing its active health check", upstream=call.name,

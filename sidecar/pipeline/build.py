@@ -6,11 +6,13 @@ layers a route configures are composed, once per policy load, so an unused featu
 from __future__ import annotations
 
 import functools
-from typing import Awaitable, Callable
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from sidecar.pipeline.balance import balance_layer
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.cache import cache_layer
+from sidecar.exchange.context import Handler
 from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.pipeline.fallback import fallback_layer
 from sidecar.pipeline.guards import concurrency_layer, fault_layer, rate_limit_layer
@@ -20,13 +22,15 @@ from sidecar.pipeline.send import send
 from sidecar.pipeline.storeforward import queue_layer
 from sidecar.policy.model import Route
 
-Handler = Callable[[Exchange, Call], Awaitable[Reply]]
+class Layer(Protocol):
+    """One layer: the request, its target's call, and what is under the layer (bound by `build`)."""
+    def __call__(self, ex: Exchange, call: Call, next: Handler) -> Coroutine[Any, Any, Reply]: ...
 
 
-def layers_for(route: Route, balanced: bool = False, upgrade: bool = False) -> list:
+def layers_for(route: Route, balanced: bool = False, upgrade: bool = False) -> list[Layer]:
     """`upgrade`: the stack of an upgrade handshake (proxy/upgrade.py), with no cache (an upgraded
     connection is never stored, nor shared by coalescing) and no hedge (one connection, not two)."""
-    stack = []
+    stack: list[Layer] = []
     if route.cache is not None and not upgrade:
         stack.append(cache_layer)         # a fresh hit answers here; misses coalesce; answers are stored
     if route.fallback is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sidecar.cache.route import RouteCache
-from sidecar.exchange.context import Context
+from sidecar.exchange.context import Context, Handler
 from sidecar.exchange.state import Binding, RouteState
 from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.policy.model import Route
@@ -60,7 +60,7 @@ def attach_cache(binding: Binding, state: RouteState, route: Route,
     binding.on_commit(swap)
 
 
-async def cache_layer(ex: Exchange, call: Call, next) -> Reply:
+async def cache_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     cache = ex.state.cache
     if cache is None:                        # a state built without the cache feature
         return await next(ex, call)

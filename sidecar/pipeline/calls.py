@@ -22,7 +22,7 @@ def rewritten_call(ex: Exchange, upstream: Upstream, rewrite: Rewrite | None, la
             path_qs = rewrite.path + (f"?{query}" if query else "")
         for name in rewrite.remove_headers:
             headers.popall(name, None)
-        if rewrite.touches_body and body.replayable:
+        if rewrite.touches_body and body.data is not None:     # replayable: the whole body is here
             new = rewrite_json(body.data, rewrite)
             if new is not None:
                 body = RequestBody(new)
@@ -46,7 +46,7 @@ def rewrite_json(data: bytes, rewrite: Rewrite) -> bytes | None:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def apply_json_rewrite(doc: dict, rewrite: Rewrite) -> None:
+def apply_json_rewrite(doc: dict[str, object], rewrite: Rewrite) -> None:
     """`json_map` then `json_set`, in place."""
     for jm in rewrite.json_map:
         parent, leaf = _walk(doc, jm.path, create=False)
@@ -66,7 +66,8 @@ def apply_json_rewrite(doc: dict, rewrite: Rewrite) -> None:
             parent[leaf] = value
 
 
-def _walk(doc: dict, path: tuple[str, ...], *, create: bool):
+def _walk(doc: dict[str, object], path: tuple[str, ...], *,
+          create: bool) -> tuple[dict[str, object] | None, str]:
     node = doc
     for part in path[:-1]:
         nxt = node.get(part)

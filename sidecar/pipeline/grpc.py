@@ -8,6 +8,7 @@ only when it came with the head or the whole answer came at once (a small unary 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from multidict import CIMultiDict
 
@@ -15,7 +16,7 @@ from sidecar.grpc_rules import GrpcCode, answer_status, encode_message, for_outc
 from sidecar.exchange.types import Reply
 
 
-def is_grpc_request(headers) -> bool:
+def is_grpc_request(headers: Mapping[str, str]) -> bool:
     return is_grpc(headers.get("content-type"))
 
 

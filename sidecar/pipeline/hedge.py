@@ -6,9 +6,11 @@ Only for requests that may be sent twice (idempotent, or opted in by `retry.meth
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from sidecar.core.decisions import Decision
 from sidecar.core.retry import method_retryable
+from sidecar.exchange.context import Handler
 from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.policy.conditions import Outcome
 from sidecar.pipeline.retry import DEFAULT_RETRY
@@ -19,7 +21,8 @@ def may_send_twice(ex: Exchange, call: Call) -> bool:
         ex.route.retry or DEFAULT_RETRY, call.method, "idempotency-key" in ex.headers)
 
 
-async def race(ex: Exchange, first: asyncio.Task, start_next, delays: list[float], label: str) -> Reply:
+async def race(ex: Exchange, first: asyncio.Task[Reply], start_next: Callable[[], asyncio.Task[Reply]],
+               delays: list[float], label: str) -> Reply:
     """Run `first`; after each delay with no good answer, start one more task. First good reply wins."""
     pending = {first}
     last_reply: Reply | None = None
@@ -34,6 +37,7 @@ async def race(ex: Exchange, first: asyncio.Task, start_next, delays: list[float
             if not done:
                 if ex.remaining() <= 0:
                     break
+                assert timeout is not None   # nothing done: the wait timed out
                 delays.pop(0)
                 ex.decide(Decision.HEDGE, f"no answer after {timeout * 1000:.0f}ms; {label}")
                 if ex.enforce:
@@ -63,13 +67,14 @@ async def race(ex: Exchange, first: asyncio.Task, start_next, delays: list[float
     raise UpstreamFailure(Outcome.TIMEOUT, "no answer before the route's timeout")
 
 
-def _release_late(task: asyncio.Task) -> None:
+def _release_late(task: asyncio.Task[Reply]) -> None:
     if not task.cancelled() and task.exception() is None:
         task.result().release()
 
 
-async def hedge_layer(ex: Exchange, call: Call, next) -> Reply:
+async def hedge_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     policy = ex.route.hedge
+    assert policy is not None                # layers_for stacks this layer only on a route that hedges
     if not may_send_twice(ex, call):
         return await next(ex, call)
     loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sidecar.core.decisions import Decision
 from sidecar.core.retry import Backoff, method_retryable, outcome_retryable, parse_retry_after
+from sidecar.exchange.context import Handler
 from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.grpc_rules import GrpcCode
 from sidecar.pipeline.grpc import reply_code
@@ -48,8 +49,9 @@ def retries_exhausted(ex: Exchange, reply: Reply) -> bool:
     return failed_answer(ex.route.retry or DEFAULT_RETRY, reply)
 
 
-async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
+async def retry_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     policy = ex.route.retry
+    assert policy is not None                # layers_for stacks this layer only on a route that retries
     budget = ex.state.budget
     if budget is not None:
         budget.on_request()
@@ -74,6 +76,7 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
                 return reply
             what = f"{code.condition if grpc_listed and code is not None else reply.status} from {call.name}"
         else:
+            assert failure is not None       # no answer: the try raised
             if failure.kind is Outcome.TIMEOUT:
                 ex.decide(Decision.TIMEOUT, f"try {retries + 1} to {call.name} timed out", upstream=call.name)
             if not outcome_retryable(policy, failure=failure.kind):
@@ -120,4 +123,5 @@ async def retry_layer(ex: Exchange, call: Call, next) -> Reply:
 def _give_up(reply: Reply | None, failure: UpstreamFailure | None) -> Reply:
     if reply is not None:
         return reply
+    assert failure is not None
     raise failure

@@ -177,6 +177,6 @@ async def _close(source: AsyncIterator[bytes]) -> None:
         await aclose()
 
 
-def _json(status: int, doc: dict, upstream: str) -> Reply:
+def _json(status: int, doc: dict[str, object], upstream: str) -> Reply:
     return Reply(status=status, headers=CIMultiDict({"content-type": "application/json"}), upstream=upstream,
                  body=json.dumps(doc, separators=(",", ":")).encode())
