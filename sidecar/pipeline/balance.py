@@ -9,21 +9,25 @@ cooldown. An upstream with a single endpoint passes straight through.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from sidecar.core.decisions import Decision
 from sidecar.core.endpoints import EndpointEvent, EndpointSet, EndpointState
 from sidecar.core.retry import parse_retry_after
+from sidecar.exchange.context import Handler
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.policy.conditions import Outcome
+from sidecar.transport.endpoints import EndpointTarget
 from sidecar.transport.errors import UpstreamFailure
 
 
-async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
+async def balance_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     up = call.upstream
     ctx = ex.ctx
     group = None if up is None else ctx.endpoints.get(up.name)   # only balanced upstreams have one
     if group is None:
         return await next(ex, call)
+    assert up is not None                # a group is found by the upstream's name
     eset = group.set
     clock = ctx.clock
     if not eset.endpoints and group.discovery is not None and not group.discovery.resolved.is_set():
@@ -35,7 +39,7 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
     ep = None if tried else eset.pick_steady(now, ctx.rng)
     if ep is None:
         ep = _pick(ex, call, eset, now)
-    target = ep.target
+    target = cast(EndpointTarget, ep.target)   # opaque to core; transport/endpoints.py builds every set
     headers = call.headers
     if target.headers or headers.get("Host") != target.host_header:
         # This endpoint's own Host or headers (an API key): on a copy, so that a retry or a hedged
@@ -45,7 +49,10 @@ async def balance_layer(ex: Exchange, call: Call, next) -> Reply:
         for key, value in target.headers:
             headers[key] = value
     path_qs = call.url.raw_path_qs[len(up.base_path):] or "/"
-    attempt = Call(upstream=target, name=call.name, method=call.method, url=target.url(path_qs), headers=headers,
+    # The endpoint stands in for the Upstream: the transport reads only fields both have (name, origin,
+    # connect_timeout, max_connections, tls, protocol); Call.upstream does not say so yet.
+    attempt = Call(upstream=target,  # type: ignore[arg-type]
+                   name=call.name, method=call.method, url=target.url(path_qs), headers=headers,
                    body=call.body, server_hostname=target.server_hostname, fallback_target=call.fallback_target,
                    tries=call.tries, endpoint=ep)
     call.tries += 1                      # the resend count the next try of this target reports

@@ -8,6 +8,7 @@ same thing in either list.
 from __future__ import annotations
 
 import json
+from typing import NoReturn
 
 from sidecar.exchange.types import Degraded, Exchange, Reply
 from sidecar.grpc_rules import GrpcCode
@@ -63,7 +64,7 @@ class Failure:
             self.reply.release()
         return answer
 
-    def raise_(self) -> None:
+    def raise_(self) -> NoReturn:
         assert self.outcome is not None, "an answer is returned, not raised"
         raise Degraded(self.outcome, self.reason, status=self.status, retry_after=self.retry_after)
 

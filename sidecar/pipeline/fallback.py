@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Awaitable
+from collections.abc import Coroutine
+from typing import Any
 
 from multidict import CIMultiDict
 
@@ -22,13 +23,14 @@ from sidecar.core.decisions import Decision
 from sidecar.pipeline.balance import balance_layer
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.calls import rewritten_call
+from sidecar.exchange.context import Handler
 from sidecar.pipeline.failure import Failure, reply_failure
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.pipeline.grpc import reply_code
 from sidecar.pipeline.hedge import may_send_twice, race
 from sidecar.pipeline.send import send
 from sidecar.pipeline.translate import call_translated
-from sidecar.policy.model import FallbackTarget
+from sidecar.policy.model import FallbackPolicy, FallbackTarget
 from sidecar.transport.errors import UpstreamFailure
 
 # A fallback upstream is called once, through its own breaker (so a dead fallback is skipped fast),
@@ -36,7 +38,7 @@ from sidecar.transport.errors import UpstreamFailure
 target_stack = functools.partial(balance_layer, next=functools.partial(breaker_layer, next=send))
 
 
-async def fallback_layer(ex: Exchange, call: Call, next) -> Reply:
+async def fallback_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     fb = ex.route.fallback
     assert fb is not None                    # composed only for routes with `fallback` (build.py)
     try:
@@ -103,7 +105,8 @@ def _translated(target: FallbackTarget) -> str:
     return f" (translated {rewrite.translate})" if rewrite is not None and rewrite.translate else ""
 
 
-def _send_to_target(ex: Exchange, target: FallbackTarget) -> Awaitable[Reply]:
+def _send_to_target(ex: Exchange, target: FallbackTarget) -> Coroutine[Any, Any, Reply]:
+    assert target.upstream is not None       # an upstream target names its upstream (the schema requires it)
     upstream = ex.ctx.upstream(target.upstream)
     rewrite = target.rewrite
     if rewrite is not None and rewrite.translate is not None:
@@ -124,6 +127,7 @@ async def _stale_target(ex: Exchange, failure: Failure) -> Reply | None:
 
 def _static_target(ex: Exchange, target: FallbackTarget, failure: Failure) -> Reply:
     static = target.static
+    assert static is not None                # a static target carries its answer (policy/build.py)
     headers = CIMultiDict(static.headers)
     if static.content_type and "content-type" not in headers:
         headers["content-type"] = static.content_type
@@ -132,8 +136,9 @@ def _static_target(ex: Exchange, target: FallbackTarget, failure: Failure) -> Re
     return Reply(status=static.status, headers=headers, upstream="static", body=static.body)
 
 
-async def _hedged_primary(ex: Exchange, call: Call, next, fb) -> Reply:
+async def _hedged_primary(ex: Exchange, call: Call, next: Handler, fb: FallbackPolicy) -> Reply:
     """Primary and, once it is `fb.hedge` slow, the first upstream target in parallel."""
+    assert fb.hedge is not None              # the caller hedges only when `fallback.hedge` is set
     first_upstream = None
     for target in fb.targets:
         if target.kind == "upstream":
@@ -144,7 +149,7 @@ async def _hedged_primary(ex: Exchange, call: Call, next, fb) -> Reply:
     if first_upstream is None:
         return await primary
 
-    def start_backup() -> asyncio.Task:
+    def start_backup() -> asyncio.Task[Reply]:
         ex.decide(Decision.FALLBACK, f"{call.name} slow: racing {first_upstream.upstream}"
                   f"{_translated(first_upstream)}", upstream=first_upstream.upstream,
                   fallback_target=first_upstream.label)

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from sidecar.core.decisions import Decision
 from sidecar.core.faults import decide_fault
+from sidecar.exchange.context import Handler
 from sidecar.exchange.replies import json_error
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.fleet.ratelimit import key_for
 from sidecar.llm.usage import request_shape
 from sidecar.policy.conditions import Outcome
+from sidecar.policy.model import FaultPolicy
 
 
-async def rate_limit_layer(ex: Exchange, call: Call, next) -> Reply:
+async def rate_limit_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     limit = ex.route.rate_limit
+    assert limit is not None                 # layers_for stacks this layer only on a rate-limited route
     key = key_for(limit, ex.headers)
     per = f" per {limit.key}" if limit.key else ""
     limiter = ex.state.limiter
@@ -67,8 +70,9 @@ def _tokens_spent(ex: Exchange) -> int:
     return total
 
 
-async def concurrency_layer(ex: Exchange, call: Call, next) -> Reply:
+async def concurrency_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     limit = ex.state.concurrency
+    assert limit is not None                 # RouteState builds one for every route with `concurrency`
     if not limit.try_acquire():
         ex.decide(Decision.CONCURRENCY_FULL, f"{limit.in_flight} requests in flight (max {limit.max})")
         if ex.enforce:
@@ -83,18 +87,20 @@ async def concurrency_layer(ex: Exchange, call: Call, next) -> Reply:
     return reply
 
 
-def _fault_applies(ex: Exchange) -> bool:
-    header = ex.route.fault.header
+def _fault_applies(ex: Exchange, fault: FaultPolicy) -> bool:
+    header = fault.header
     if header is None:
         return True
     value = ex.headers.get(header[0])
     return value is not None and (header[1] is None or value == header[1])
 
 
-async def fault_layer(ex: Exchange, call: Call, next) -> Reply:
-    if not _fault_applies(ex):
+async def fault_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
+    fault = ex.route.fault
+    assert fault is not None                 # layers_for stacks this layer only on a route with `fault`
+    if not _fault_applies(ex, fault):
         return await next(ex, call)
-    delay, abort = decide_fault(ex.route.fault, ex.ctx.rng)
+    delay, abort = decide_fault(fault, ex.ctx.rng)
     if delay > 0:
         ex.decide(Decision.FAULT_INJECTED, f"delay {delay * 1000:.0f}ms")
         if ex.enforce:

@@ -12,7 +12,7 @@ unchanged. Reads pass through untouched. A gRPC call that is stored gets OK with
 """
 from __future__ import annotations
 
-from sidecar.exchange.context import WriteQueue
+from sidecar.exchange.context import Handler, WriteQueue
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.pipeline.failure import Failure, reply_failure
 from sidecar.pipeline.grpc import accepted, is_grpc_request
@@ -21,7 +21,7 @@ from sidecar.transport.errors import UpstreamFailure
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-async def queue_layer(ex: Exchange, call: Call, next) -> Reply:
+async def queue_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     queue = ex.route.queue
     store = ex.ctx.queue
     if queue is None or store is None or ex.method not in WRITES:
@@ -35,11 +35,11 @@ async def queue_layer(ex: Exchange, call: Call, next) -> Reply:
             if answer is not None:
                 return answer
         raise
-    failure = await reply_failure(ex, reply, queue.when)
-    if failure is not None and failure.matches(queue.when, ex):
-        answer = await _store(ex, store, failure)
+    failed = await reply_failure(ex, reply, queue.when)
+    if failed is not None and failed.matches(queue.when, ex):
+        answer = await _store(ex, store, failed)
         if answer is not None:
-            return failure.replaced_by(answer)
+            return failed.replaced_by(answer)
     return reply
 
 
