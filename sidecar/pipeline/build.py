@@ -22,6 +22,7 @@ from sidecar.pipeline.send import send
 from sidecar.pipeline.storeforward import queue_layer
 from sidecar.policy.model import Route
 
+
 class Layer(Protocol):
     """One layer: the request, its target's call, and what is under the layer (bound by `build`)."""
     def __call__(self, ex: Exchange, call: Call, next: Handler) -> Coroutine[Any, Any, Reply]: ...
