@@ -305,10 +305,9 @@ def serve_sniffed(conn: Sniffed) -> H2Server:
 
 
 def install() -> None:
+    """HTTP/2 on every listener: prior knowledge on cleartext, and `h2` offered by ALPN on intercepted
+    TLS (sniff.register_h2 puts it first)."""
     sniff.register_h2(serve_sniffed)
-    # Intercepted TLS keeps offering HTTP/1.1 only: HTTP/2 there (ALPN h2 into serve_sniffed) is not
-    # verified yet (curl's h2 through an intercepted CONNECT was cut), so it is not offered.
-    sniff.ALPN_PROTOCOLS[:] = ["http/1.1"]
 
 
 async def drain(connections: "weakref.WeakSet[H2Server]", timeout: float) -> None:

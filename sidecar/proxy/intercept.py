@@ -48,19 +48,6 @@ class InterceptedHandler(ListenerHandler):
             return json_error(400, "bad request target", None, [])
 
 
-class _OneConnection(GuardedServer):
-    """The HTTP/1 server of one intercepted connection; `closed` resolves when it ends."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.closed = asyncio.get_running_loop().create_future()
-
-    def connection_lost(self, handler, exc=None) -> None:
-        super().connection_lost(handler, exc)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-
 class Interceptor:
     """One per listener with `intercept`: which hosts are terminated, and their certificates."""
 
@@ -75,20 +62,19 @@ class Interceptor:
     async def serve(self, listener: Listener, transport: asyncio.Transport, host: str, port: int,
                     first: bytes = b"") -> None:
         """Be the TLS server for `host` on `transport` (whose ClientHello may be in `first`), then serve
-        the decrypted requests until the connection closes."""
-        server = _OneConnection(InterceptedHandler(self.serving, listener, host, port), access_log=None,
+        the decrypted requests (HTTP/1.1, or HTTP/2 when ALPN agreed on h2) until the connection closes.
+        Returns only then: the CONNECT's caller releases aiohttp's hold on the socket afterwards, and
+        aiohttp closes it as it lets go."""
+        server = GuardedServer(InterceptedHandler(self.serving, listener, host, port), access_log=None,
                                 **SERVER_LIMITS)
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
-
-        h2 = []
 
         def secured(tls_transport: asyncio.Transport) -> asyncio.Protocol:
             ssl_object = tls_transport.get_extra_info("ssl_object")
             alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
             factory = sniff.h2_factory()
             if alpn == "h2" and factory is not None:
-                h2.append(True)           # the hook's protocol owns the connection from here
                 return factory(sniff.Sniffed(tls_transport, b"", listener, self.serving, None, alpn, host, port))
             return server()
 
@@ -108,10 +94,8 @@ class Interceptor:
                         "sidecar's CA?", host, port, reason)
             tls.raw.abort()
             return
-        if h2:
-            return
         try:
-            await server.closed
+            await tls.ended
         finally:
             if tls.transport is not None and not tls.transport.is_closing():
                 tls.transport.close()

@@ -8,6 +8,7 @@ and tests/proxy/test_takeover_seam.py fails loudly if an aiohttp release renames
 from __future__ import annotations
 
 import asyncio
+from asyncio import sslproto   # start_tls cannot take bytes already read: its protocol, set up by hand
 
 from aiohttp import web
 
@@ -45,11 +46,15 @@ def upstream_takeover(proto: ResponseHandler) -> tuple[asyncio.Transport, bytes]
 
 
 class _Secured(asyncio.Protocol):
-    """The TLS layer's first app protocol: once the handshake is done, hands over to `choose(...)`."""
+    """The TLS layer's first app protocol: once the handshake is done, hands over to `choose(...)`.
+    Also the handle `serve_tls` returns: `raw` (the socket's transport), `transport` (the decrypted
+    one, once chosen) and `ended` (resolves when the connection is over, whichever protocol served it)."""
 
-    def __init__(self, choose) -> None:
+    def __init__(self, choose, raw: asyncio.Transport) -> None:
         self.choose = choose
+        self.raw = raw
         self.transport: asyncio.Transport | None = None
+        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -64,6 +69,21 @@ class _Secured(asyncio.Protocol):
         pass
 
 
+class _ServerTLS(sslproto.SSLProtocol):
+    """asyncio's TLS protocol, telling `secured.ended` when the socket under it is gone: the app
+    protocol chosen after the handshake (HTTP/1.1 or HTTP/2) may not say so itself."""
+
+    def __init__(self, secured: _Secured, context, ready: asyncio.Future, handshake_timeout: float) -> None:
+        super().__init__(asyncio.get_running_loop(), secured, context, ready, server_side=True,
+                         call_connection_made=True, ssl_handshake_timeout=handshake_timeout)
+        self.secured = secured
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.secured.ended.done():
+            self.secured.ended.set_result(None)
+
+
 def serve_tls(transport: asyncio.Transport, context, first: bytes, choose, ready: asyncio.Future, *,
               handshake_timeout: float) -> _Secured:
     """Be the TLS server on a connection already accepted (and maybe already read from: `first` holds
@@ -71,12 +91,10 @@ def serve_tls(transport: asyncio.Transport, context, first: bytes, choose, ready
     SSLProtocol is set up here the way `start_tls` does it, with `first` fed in before reading resumes.
     `ready` resolves when the handshake is done (or fails); then `choose(tls_transport)` gives the
     protocol for the decrypted stream. Close the connection with `.transport.close()` (TLS close_notify)
-    or, before the handshake completed, the returned object's raw transport."""
-    from asyncio import sslproto
-    loop = asyncio.get_running_loop()
-    secured = _Secured(choose)
-    tls = sslproto.SSLProtocol(loop, secured, context, ready, server_side=True, call_connection_made=True,
-                               ssl_handshake_timeout=handshake_timeout)
+    or, before the handshake completed, the returned object's raw transport; `.ended` resolves when
+    the connection is over."""
+    secured = _Secured(choose, transport)
+    tls = _ServerTLS(secured, context, ready, handshake_timeout)
     transport.set_protocol(tls)
     tls.connection_made(transport)
     view = memoryview(first)
@@ -87,5 +105,4 @@ def serve_tls(transport: asyncio.Transport, context, first: bytes, choose, ready
         tls.buffer_updated(n)
         view = view[n:]
     transport.resume_reading()
-    secured.raw = transport
     return secured

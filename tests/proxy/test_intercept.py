@@ -210,16 +210,22 @@ async def test_transparent_listener_intercepts_a_listed_sni(tmp_path, upstream_f
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-async def test_intercepted_https_answers_a_client_offering_http2_in_http1(intercepting):
+@pytest.mark.parametrize("flag, version", [("--http2", "2"), ("--http1.1", "1.1")])
+async def test_intercepted_https_speaks_the_http_version_alpn_agreed(intercepting, tmp_path, flag, version):
+    """The sidecar offers h2 and http/1.1 by ALPN on an intercepted CONNECT: curl --http2 gets its answer
+    over HTTP/2 (each stream through the route policy), curl --http1.1 over HTTP/1.1."""
     p, sc, state, up1, up2 = intercepting
     done = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "--http2", "-x", f"http://127.0.0.1:{p['proxy']}", "--cacert",
-        str(state / "intercept-bundle.pem"), "-D", "-", "-H", "content-type: application/json",
+        "curl", "-sS", flag, "-x", f"http://127.0.0.1:{p['proxy']}", "--cacert",
+        str(state / "intercept-bundle.pem"), "-D", str(tmp_path / "head"), "-o", str(tmp_path / "body"),
+        "-w", "%{http_version}", "-H", "content-type: application/json",
         "--data", '{"model": "gpt-4o", "messages": []}', "https://provider.test/v1/chat/completions",
         env={"PATH": os.environ.get("PATH", "")}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await asyncio.wait_for(done.communicate(), 60)
     assert done.returncode == 0, err.decode()[-2000:]
-    head = out.decode()
-    assert "HTTP/1.1 200" in head                        # ALPN: the sidecar offers http/1.1 only, for now
+    assert out.decode() == version
+    head = (tmp_path / "head").read_bytes().decode().lower()
+    assert head.startswith(f"http/1.1 200 connection established\r\n\r\nhttp/{version} 200"), head
     assert "x-sidecar-route: chat" in head and "x-sidecar-upstream: backup" in head
+    assert json.loads((tmp_path / "body").read_text())["model"] == "backup-large"
     assert up1.hits == 1 and up2.hits == 1
