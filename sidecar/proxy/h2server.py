@@ -122,9 +122,11 @@ class H2Server(H2Peer):
         elif isinstance(event, h2.events.StreamReset):
             self._reset_by_peer(event.stream_id)
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway = True              # the app said goodbye: finish what is in flight, then close
-            if event.error_code or not self.tasks:
-                self.close()
+            # The app's GOAWAY (h2load ends each run with one, streams still in flight). `h2` closes its
+            # connection state on it and refuses to send anything more, the answers of those streams
+            # included, so they end as if the app had reset them: their work is cancelled, and the
+            # breaker takes no verdict on the upstream from them (a send failing here would count).
+            self._shutdown()
         else:
             super().on_event(event)
 

@@ -139,3 +139,41 @@ async def test_idle_connection_is_pinged(h2_upstream_factory, sidecar_factory, p
         await asyncio.sleep(0.02)
     assert up.pings >= 2
 
+
+
+async def test_app_goaway_with_streams_in_flight_is_no_verdict_on_the_upstream(upstream_factory, sidecar_factory,
+                                                                             port, caplog):
+    """A client's GOAWAY (h2load ends every run with one while requests are in flight) closes `h2`'s
+    connection state: those streams can no longer be answered. They end as if the app had reset them;
+    the route's breaker does not count them against the upstream, and nothing is logged as an error."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+    held = 0
+
+    async def answer(request):
+        nonlocal held
+        if request.path == "/hold":
+            held += 1
+            if held == 3:
+                arrived.set()
+            await release.wait()
+        return web.Response(text="ok")
+    up = await upstream_factory(answer)
+    await sidecar_factory(policy(port, up.url, protocol="http1",
+                                 route="        breaker: {consecutive_failures: 2, open_for: 5m}"))
+    async with H2App(port["reverse"]) as app:
+        for _ in range(3):
+            sid = app.conn.get_next_available_stream_id()
+            app.conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "app.local"),
+                                        (":path", "/hold")], end_stream=True)
+        app.flush()
+        await asyncio.wait_for(arrived.wait(), 10)
+        app.conn.close_connection()              # GOAWAY, NO_ERROR; the socket stays open
+        app.flush()
+        async with H2App(port["reverse"]) as other:   # a round trip after it: the GOAWAY was read by now
+            assert (await other.request("GET", "/ok"))["headers"][":status"] == "200"
+        release.set()                            # the held answers come back from the upstream
+        await asyncio.wait_for(app.closed.wait(), 10)
+    async with H2App(port["reverse"]) as again:
+        answer_ = await again.request("GET", "/ok")
+    assert answer_["headers"][":status"] == "200" and answer_["headers"]["x-sidecar-upstream"] == "svc"
+    assert not [r for r in caplog.records if r.name.startswith("sidecar") and r.levelname == "ERROR"]
