@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test lint lock system-deps bench bench-quick bench-grpc bench-llm soak soak-fleet clean
+.PHONY: demo test lint lock system-deps bench bench-quick bench-grpc bench-h2 bench-llm soak soak-fleet clean
 
 # Installs are pinned by constraints.txt (every dependency, transitive ones included, at one version), so
 # CI and every checkout run the same packages. After changing dependencies in pyproject.toml: `make lock`.
@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench --full
 	$(BIN)/python -m bench.llm_stream
+	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench.h2_throughput
 
 bench-quick: $(STAMP)
 	sh bench/install.sh
@@ -58,6 +59,12 @@ bench-llm: $(STAMP)
 # Unary gRPC calls direct vs through the sidecar (grpcio client and server): bench/results/grpc.md
 bench-grpc: $(STAMP)
 	$(BIN)/python -m bench.grpc_unary
+
+# HTTP/2 throughput with h2load: direct, nginx (grpc_pass) and the sidecar (h2c): bench/results/h2.md
+# (also run by `make bench`)
+bench-h2: $(STAMP)
+	sh bench/install.sh
+	PATH="$$PATH:/usr/sbin" $(BIN)/python -m bench.h2_throughput
 
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak

@@ -57,18 +57,19 @@ def _nginx_http_common(d: Path) -> str:
 """
 
 
-def upstream_nginx(d: Path, port: int) -> Path:
-    """The static overhead upstream: no Python in the measured path beyond the system under test."""
+def upstream_nginx(d: Path, port: int, http2: bool = False) -> Path:
+    """The static overhead upstream: no Python in the measured path beyond the system under test.
+    `http2`: it speaks HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1."""
     www = d / "www"
     www.mkdir(parents=True, exist_ok=True)
     (www / "big").write_bytes(BIG)
     small = SMALL.decode().rstrip("\n").replace("'", "")
-    conf = d / "upstream-nginx.conf"
+    conf = d / ("upstream-nginx-h2.conf" if http2 else "upstream-nginx.conf")
     conf.write_text(_nginx_common(d) + f"""
 http {{
 {_nginx_http_common(d)}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096{" http2" if http2 else ""};
         location = /small {{ default_type application/json; return 200 '{small}\\n'; }}
         location /cached/ {{ default_type application/json; add_header cache-control "max-age=3600";
                             return 200 '{small}\\n'; }}
@@ -93,6 +94,24 @@ http {{
         proxy_set_header Host $http_host;
         location / {{ proxy_pass http://fast; }}
         location /cached/ {{ proxy_pass http://fast; proxy_cache hot; proxy_cache_valid 200 1h; }}
+    }}
+}}
+""")
+    return conf
+
+
+def nginx_h2_proxy(d: Path, port: int, upstream: int) -> Path:
+    """nginx as an HTTP/2 proxy: h2c in, and HTTP/2 to the upstream through `grpc_pass`, its only module
+    that speaks HTTP/2 upstream (`proxy_pass` speaks HTTP/1.x). It forwards any request, not only gRPC,
+    over a keep-alive pool of h2c connections."""
+    conf = d / "nginx-h2-proxy.conf"
+    conf.write_text(_nginx_common(d) + f"""
+http {{
+{_nginx_http_common(d)}
+    upstream h2up {{ server 127.0.0.1:{upstream}; keepalive 64; keepalive_requests 10000000; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096 http2;
+        location / {{ grpc_pass grpc://h2up; }}
     }}
 }}
 """)
@@ -147,10 +166,11 @@ state_dir: {d}/state
 
 def sidecar_overhead(d: Path, name: str, port: int, admin: int, health: int, upstream: int,
                      otlp: int | None = None, cache: bool = True, endpoints: int = 1,
-                     tokens_per_minute: int | None = None) -> Path:
+                     tokens_per_minute: int | None = None, protocol: str = "auto") -> Path:
     """The "full" route every request of the overhead runs takes, plus the cache-hit route.
     `tokens_per_minute`: the route also limits LLM tokens (bench/llm_stream.py), so every LLM answer
-    goes through the admission and has its usage settled."""
+    goes through the admission and has its usage settled. `protocol`: the upstream's (`h2c` for
+    bench/h2_throughput.py)."""
     cached = """  - name: cached
     match: {path_prefix: /cached/}
     upstream: primary
@@ -162,7 +182,7 @@ def sidecar_overhead(d: Path, name: str, port: int, admin: int, health: int, ups
     conf = d / f"{name}.yaml"
     conf.write_text(_sidecar_head(d, port, admin, health, otlp) + f"""
 upstreams:
-  primary: {{{target}, connect_timeout: 1s, max_connections: 256}}
+  primary: {{{target}, protocol: {protocol}, connect_timeout: 1s, max_connections: 256}}
 defaults:
   timeout: 10s
   retry: null

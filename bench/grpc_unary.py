@@ -7,8 +7,7 @@ processes on the load generator's core; the sidecar runs alone on the other core
 layout). One client channel (one HTTP/2 connection, as a gRPC client holds) carries C concurrent
 calls. Results: DIR/grpc.md and DIR/grpc.json.
 
-h2load against nginx is not part of it: nginx proxies HTTP/2 to upstreams only through `grpc_pass`
-(its `proxy_pass` speaks HTTP/1.x upstream), and nghttp2-client (h2load) is not installed here.
+HTTP/2 throughput with h2load, against nginx too, is bench/h2_throughput.py.
 """
 from __future__ import annotations
 

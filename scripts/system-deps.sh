@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Debian packages the test suite talks to for real: Redis (shared cache), Chromium (dashboard),
 # iptables + iproute2 (transparent mode in network namespaces), openssl (a TLS upstream's test
-# certificate), curl and redis-cli (apps whose TLS and TCP pass the transparent listener), nginx, HAProxy and wrk (the benchmark harness's smoke test). Installs only what is
+# certificate), curl and redis-cli (apps whose TLS and TCP pass the transparent listener), nginx, HAProxy, wrk and
+# h2load from nghttp2-client (the benchmark harness's smoke tests). Installs only what is
 # missing; needs root (or sudo). Without either it says what is missing and the tests that need it skip.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -18,6 +19,7 @@ have openssl || need+=(openssl)
 have nginx || need+=(nginx)
 have haproxy || need+=(haproxy)
 have wrk || need+=(wrk)
+have h2load || need+=(nghttp2-client)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

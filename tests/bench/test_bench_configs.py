@@ -23,13 +23,17 @@ def test_sidecar_policies_load(tmp_path: Path) -> None:
     (route,) = scenario.routes
     assert route.hedge is not None and route.fallback is not None and route.cache is not None
     assert [t.kind for t in route.fallback.targets] == ["upstream", "cache"]
+    h2 = load_policy(str(configs.sidecar_overhead(tmp_path, "h2", 18001, 18002, 18003, 18004, cache=False,
+                                                  protocol="h2c")))
+    assert [r.name for r in h2.routes] == ["full"] and h2.upstreams["primary"].protocol == "h2c"
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(), reason="no nginx")
 def test_nginx_configs_parse(tmp_path: Path) -> None:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     for conf in (configs.upstream_nginx(tmp_path, 18020), configs.nginx_proxy(tmp_path, 18021, 18020),
-                 configs.nginx_scenario(tmp_path, 18022, [18023, 18024, 18025], 18026)):
+                 configs.nginx_scenario(tmp_path, 18022, [18023, 18024, 18025], 18026),
+                 configs.upstream_nginx(tmp_path, 18027, http2=True), configs.nginx_h2_proxy(tmp_path, 18028, 18027)):
         proc = subprocess.run([nginx, "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 
