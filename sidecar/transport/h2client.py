@@ -180,6 +180,11 @@ class H2Client(H2Peer):
                 self._fail(sid, code)
         if not self.streams or code:
             self.close()
+        else:
+            # A graceful GOAWAY: the streams it kept may still finish (RFC 9113 §6.8). `h2` closes its
+            # state machine on any GOAWAY and would refuse their frames (python-hyper/h2#1181), so it
+            # is put back to CLIENT_OPEN; `draining` keeps this side from opening streams.
+            self.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
         self._on_change(self)
 
     def on_protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:

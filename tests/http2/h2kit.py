@@ -17,11 +17,15 @@ from harness import free_port
 
 
 class H2Upstream:
-    def __init__(self, *, max_streams: int = 100, hold: float = 0.0, goaway_at: int | None = None) -> None:
+    def __init__(self, *, max_streams: int = 100, hold: float = 0.0, goaway_at: int | None = None,
+                 drain_at: int | None = None) -> None:
         self.port = free_port()
         self.max_streams = max_streams
         self.hold = hold                      # seconds each answer waits (to keep streams concurrent)
         self.goaway_at = goaway_at            # on this request number (once): GOAWAY, that stream unprocessed
+        # on this request number (once): a graceful GOAWAY that keeps that stream, which is then answered
+        # (a server shutting down as Go's or nginx's do; `h2` itself would close, hence the state reset)
+        self.drain_at = drain_at
         self._seen = 0
         self.connections = 0
         self.requests: list[dict] = []
@@ -70,6 +74,9 @@ class H2Upstream:
                             continue
                         if gone_away:
                             continue
+                        if self.drain_at is not None and self._seen == self.drain_at:
+                            conn.close_connection(last_stream_id=event.stream_id)
+                            conn.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
                         streams[event.stream_id] = {"headers": dict(event.headers), "body": b""}
                         self.active += 1
                         self.peak = max(self.peak, self.active)

@@ -113,6 +113,19 @@ async def test_goaway_unprocessed_stream_is_sent_again_on_a_new_connection(h2_up
     assert up.connections == 2
 
 
+async def test_a_graceful_goaway_lets_the_stream_in_flight_finish(h2_upstream_factory, sidecar_factory, port):
+    up = await h2_upstream_factory(drain_at=1, hold=0.3)   # GOAWAY first, the answer 0.3 s later
+    await sidecar_factory(policy(port, up.url, route="        retry: {max_retries: 0}"))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{port['reverse']}/in-flight", data=b"kept") as r:
+            assert r.status == 200 and await r.read() == b"kept", await r.text()
+            assert r.headers["x-sidecar-attempts"] == "1"
+        async with s.post(f"http://127.0.0.1:{port['reverse']}/next", data=b"new") as r:
+            assert r.status == 200 and await r.read() == b"new"
+    assert [req["headers"][":path"] for req in up.requests] == ["/in-flight", "/next"]
+    assert up.connections == 2                  # the drained connection takes no new stream
+
+
 async def test_abandoned_try_resets_its_stream(h2_upstream_factory, sidecar_factory, port):
     up = await h2_upstream_factory(hold=3.0)
     await sidecar_factory(policy(port, up.url, route="        per_try_timeout: 200ms\n        retry: {max_retries: 0}"))
