@@ -100,6 +100,9 @@ class H2Client(H2Peer):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
+            return                           # TLS without h2: not a byte of HTTP/2 (the pool falls back)
         self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,      # no pushed or peer-opened streams

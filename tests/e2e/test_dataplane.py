@@ -289,3 +289,45 @@ async def test_admin_basics_and_redacted_config(upstream_factory, sidecar_factor
             doc = await r.json()
         # the upstream got the key the sidecar added
         assert doc["headers"]["authorization"] == "Bearer sk-very-secret-value"
+
+
+async def test_an_https_upstream_that_does_not_agree_to_h2_never_sees_http2_bytes(sidecar_factory, port,
+                                                                                   tls_files):
+    """`protocol: auto` on https offers h2 and http/1.1 by ALPN; a server that picks neither (or 1.1)
+    gets HTTP/1.1 only -- not the HTTP/2 preface first, as a `PRI * HTTP/2.0` request in its log."""
+    cert, key = tls_files
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    first_lines: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            first_lines.append(head.split(b"\r\n", 1)[0])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    upstream_port = free_port()
+    server = await asyncio.start_server(lambda r, w: _quietly(serve(r, w)), "127.0.0.1", upstream_port, ssl=ctx)
+    try:
+        await sidecar_factory(f"""
+        version: 1
+        listeners: [{{name: api, mode: reverse, port: {port['reverse']}, upstream: secure}}]
+        admin: {{port: {port['admin']}}}
+        health: {{bind: 127.0.0.1, port: {port['health']}}}
+        upstreams:
+          secure: {{url: "https://127.0.0.1:{upstream_port}", protocol: auto, tls: {{ca_file: "{cert}"}}}}
+        """)
+        async with aiohttp.ClientSession() as s:
+            for i in range(2):
+                async with s.get(f"http://127.0.0.1:{port['reverse']}/one{i}") as r:
+                    assert r.status == 200 and await r.read() == b"ok"
+    finally:
+        server.close()
+    assert first_lines == [b"GET /one0 HTTP/1.1", b"GET /one1 HTTP/1.1"]
+
+
+async def _quietly(work) -> None:
+    try:
+        await work
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        pass
