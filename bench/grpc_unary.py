@@ -15,15 +15,13 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
 
-from bench.systems import ROOT, cpus, free_port, wait_port
+from bench.systems import ROOT, cpus, free_port, spawn, stop_group, wait_port
 
 SERVICE_METHOD = "/bench.Echo/Unary"
 
@@ -74,25 +72,10 @@ async def _load(port: int, seconds: float, concurrency: int) -> dict:
             "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
 
 
-def _spawn(args: list[str], cpu: int, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(["taskset", "-c", str(cpu), *args], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def run(seconds: float, concurrency: int, out: Path) -> dict:
     gen_cpu, sut_cpu = cpus()
     grpc_port, listen, admin, health = free_port(), free_port(), free_port(), free_port()
-    server = _spawn([sys.executable, "-c", f"from bench.grpc_unary import _server_main; _server_main({grpc_port})"],
+    server = spawn([sys.executable, "-c", f"from bench.grpc_unary import _server_main; _server_main({grpc_port})"],
                     gen_cpu, cwd=ROOT)
     sidecar = None
     try:
@@ -113,7 +96,7 @@ def run(seconds: float, concurrency: int, out: Path) -> dict:
                     upstream: echo
                     retry: {{max_retries: 2, when: [connect-failure, reset]}}
             """))
-            sidecar = _spawn([sys.executable, "-m", "sidecar", "run", "-c", str(policy)], sut_cpu, cwd=ROOT,
+            sidecar = spawn([sys.executable, "-m", "sidecar", "run", "-c", str(policy)], sut_cpu, cwd=ROOT,
                              env={**os.environ, "OTEL_TRACES_EXPORTER": "none"})
             wait_port(listen, proc=sidecar)
             os.sched_setaffinity(0, {gen_cpu})
@@ -121,8 +104,8 @@ def run(seconds: float, concurrency: int, out: Path) -> dict:
             through = asyncio.run(_load(listen, seconds, concurrency))
     finally:
         if sidecar is not None:
-            _stop(sidecar)
-        _stop(server)
+            stop_group(sidecar)
+        stop_group(server)
     result = {"seconds": seconds, "concurrency": concurrency, "direct": direct, "sidecar": through}
     if direct["p50_ms"] is not None and through["p50_ms"] is not None:
         result["added_p50_ms"] = round(through["p50_ms"] - direct["p50_ms"], 3)

@@ -23,15 +23,13 @@ import asyncio
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.configs import bare_env, sidecar_overhead
-from bench.systems import ROOT, cpus, free_port, http_get, wait_port
+from bench.systems import ROOT, cpus, free_port, http_get, spawn, stop_group, wait_port
 
 PACED_CHUNKS, PACED_GAP_MS = 20, 10
 FLOOD_CHUNKS = 200
@@ -140,28 +138,13 @@ def _counted_tokens(admin: int) -> int:
     return sum(int(float(v)) for v in re.findall(rb'^sidecar_llm_tokens_total\{[^}]*\} (\S+)$', body, re.M))
 
 
-def _spawn(args: list[str], cpu: int, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(["taskset", "-c", str(cpu), *args], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 WORKLOADS = {"paced": (PACED_CHUNKS, PACED_GAP_MS), "flood": (FLOOD_CHUNKS, 0)}
 
 
 def run(seconds: float, concurrency: int, out: Path) -> dict:
     gen_cpu, sut_cpu = cpus()
     upstream, listen, admin, health = free_port(), free_port(), free_port(), free_port()
-    server = _spawn([sys.executable, "-c", f"from bench.llm_stream import _server_main; _server_main({upstream})"],
+    server = spawn([sys.executable, "-c", f"from bench.llm_stream import _server_main; _server_main({upstream})"],
                     gen_cpu, cwd=ROOT)
     sidecar = None
     result: dict = {"seconds": seconds, "concurrency": concurrency, "load_before": round(os.getloadavg()[0], 2),
@@ -171,7 +154,7 @@ def run(seconds: float, concurrency: int, out: Path) -> dict:
         with tempfile.TemporaryDirectory(prefix="sidecar-llm-bench-") as tmp:
             policy = sidecar_overhead(Path(tmp), "sidecar-llm", listen, admin, health, upstream, cache=False,
                                       tokens_per_minute=10**12)
-            sidecar = _spawn([sys.executable, "-m", "sidecar", "run", "-c", str(policy)], sut_cpu, cwd=ROOT,
+            sidecar = spawn([sys.executable, "-m", "sidecar", "run", "-c", str(policy)], sut_cpu, cwd=ROOT,
                              env=bare_env())
             wait_port(listen, proc=sidecar)
             os.sched_setaffinity(0, {gen_cpu})
@@ -187,8 +170,8 @@ def run(seconds: float, concurrency: int, out: Path) -> dict:
             result["tokens"] = {"reported": expected, "counted_by_sidecar": counted}
     finally:
         if sidecar is not None:
-            _stop(sidecar)
-        _stop(server)
+            stop_group(sidecar)
+        stop_group(server)
     result["load_after"] = round(os.getloadavg()[0], 2)
     out.mkdir(parents=True, exist_ok=True)
     (out / "llm.json").write_text(json.dumps(result, indent=2))

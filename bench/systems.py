@@ -152,18 +152,29 @@ class Proc:
         return {"rss_mib": rss / 1024, "peak_mib": hwm / 1024}
 
     def stop(self) -> None:
-        p = self.popen
-        if p is None or p.poll() is not None:
-            return
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
+        if self.popen is not None:
+            stop_group(self.popen)
+
+
+def spawn(args: list[str], cpu: int, **kwargs) -> subprocess.Popen:
+    """A process (and its children: own session) pinned to `cpu`, stdout dropped, stderr kept."""
+    return subprocess.Popen(["taskset", "-c", str(cpu), *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+
+
+def stop_group(p: subprocess.Popen, wait: float = 5.0) -> None:
+    """SIGTERM to the process group, SIGKILL if it is still there after `wait` seconds."""
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(wait)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(wait)
 
 
 def python_proc(name: str, module_args: list[str], port: int, cpu: int | None, logdir: Path, **kw) -> Proc:

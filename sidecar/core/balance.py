@@ -114,21 +114,6 @@ def p2c(cands: Sequence[Candidate], rng: random.Random, now: float,
     return b if cost(b, now) < cost(a, now) else a
 
 
-def p2c_ewma(cands: Sequence[Candidate], rng: random.Random, now: float) -> Candidate:
-    """`p2c(cands, rng, now, ewma_cost, uniform=True)` with the cost inlined: the per-request path of
-    the default balancer, the same draws and the same answer."""
-    n = len(cands)
-    i = int(rng.random() * n)
-    j = int(rng.random() * (n - 1))
-    if j >= i:
-        j += 1
-    a, b = cands[i], cands[j]
-    ea, eb = a.ewma, b.ewma
-    cost_a = (ea.rtt * math.exp(-(now - ea.at) / DECAY) if now > ea.at else ea.rtt) * (a.in_flight + 1)
-    cost_b = (eb.rtt * math.exp(-(now - eb.at) / DECAY) if now > eb.at else eb.rtt) * (b.in_flight + 1)
-    return b if cost_b < cost_a else a
-
-
 class RoundRobin:
     """nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, not a a a a a b c.
 
@@ -177,8 +162,6 @@ class Balancer:
             return cands[0]
         kind = self.kind
         if kind == "ewma":
-            if uniform:
-                return p2c_ewma(cands, rng, now)
             return p2c(cands, rng, now, ewma_cost, uniform)
         if kind == "least-request":
             return p2c(cands, rng, now, least_request_cost, uniform)

@@ -185,14 +185,6 @@ class EndpointSet:
         return EndpointEvent(Decision.ENDPOINT_EJECTED, ep.key,
                              f"{self.outlier.consecutive_failures} consecutive failures; ejected for {duration:g}s")
 
-    def succeeded(self, ep: EndpointState, latency: float, now: float) -> None:
-        """`finish(ep, True, latency, now)`, the common case, without the branches for failures."""
-        if ep.in_flight > 0:
-            ep.in_flight -= 1
-        ep.ewma.observe(latency, now)
-        ep.last_ok = True
-        ep.outlier.failures = 0
-
     def done(self, ep: EndpointState) -> None:
         """A streamed answer's body ended (or was cut, or dropped): the try leaves the in-flight count."""
         if ep.in_flight > 0:

@@ -89,10 +89,8 @@ async def balance_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
             _note(ex, up.name, eset.cool_down(ep, hinted, now))
             # Retry-After speaks for this endpoint alone: a retry may go to another one at once.
             reply.elsewhere = eset.others_ready(ep, now)
-    elif streamed:
-        eset.finish(ep, True, now - started, now, done=False)
     else:
-        eset.succeeded(ep, now - started, now)
+        eset.finish(ep, True, now - started, now, done=not streamed)
     return reply
 
 

@@ -221,10 +221,17 @@ def tls_files(tmp_path_factory):
     return d / "cert.pem", d / "key.pem"
 
 
-async def test_tls_origination_to_https_upstream(upstream_factory, sidecar_factory, port, tls_files):
+def server_tls(tls_files) -> ssl.SSLContext:
+    """A TLS server context with the test certificate (for localhost and 127.0.0.1)."""
     cert, key = tls_files
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def test_tls_origination_to_https_upstream(upstream_factory, sidecar_factory, port, tls_files):
+    cert, _ = tls_files
+    ctx = server_tls(tls_files)
     up = await upstream_factory(echo, ssl_context=ctx)
     assert up.url.startswith("https://")
     await sidecar_factory(f"""
@@ -245,9 +252,8 @@ async def test_tls_origination_to_https_upstream(upstream_factory, sidecar_facto
 
 
 async def test_tls_verification_failure_is_a_connect_failure(upstream_factory, sidecar_factory, port, tls_files):
-    cert, key = tls_files
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    cert, _ = tls_files
+    ctx = server_tls(tls_files)
     up = await upstream_factory(echo, ssl_context=ctx)
     await sidecar_factory(f"""
     version: 1
@@ -295,9 +301,8 @@ async def test_an_https_upstream_that_does_not_agree_to_h2_never_sees_http2_byte
                                                                                    tls_files):
     """`protocol: auto` on https offers h2 and http/1.1 by ALPN; a server that picks neither (or 1.1)
     gets HTTP/1.1 only -- not the HTTP/2 preface first, as a `PRI * HTTP/2.0` request in its log."""
-    cert, key = tls_files
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    cert, _ = tls_files
+    ctx = server_tls(tls_files)
     first_lines: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
