@@ -55,6 +55,14 @@ async def status(port) -> dict:
             return await r.json()
 
 
+def finished_records(sc) -> list:
+    """The sidecar's finished-request records (with their tries, the spans' source) from now on."""
+    captured: list = []
+    sc.runtime.sink.sinks.append(type("Capture", (), {"decision": lambda self, d: None,
+                                                       "request_finished": lambda self, r: captured.append(r)})())
+    return captured
+
+
 def ok_handler(text="ok"):
     async def handler(request):
         return web.Response(text=text)
@@ -145,9 +153,7 @@ async def test_a_retry_goes_to_a_replica_not_yet_tried(upstream_factory, sidecar
     sc = await sidecar_factory(policy(port, [r.url for r in reps], """
         retry: {max_retries: 2, when: [503], backoff: {base: 1ms, max: 2ms}}
     """, balance="random"))
-    captured = []
-    sc.runtime.sink.sinks.append(type("Capture", (), {"decision": lambda self, d: None,
-                                                       "request_finished": lambda self, r: captured.append(r)})())
+    captured = finished_records(sc)
     for round_ in range(1, 6):
         results = await fire(port, 1, concurrency=1)
         assert results[0][0] == 503 and results[0][1]["x-sidecar-attempts"] == "3"
@@ -261,15 +267,18 @@ async def test_a_90_10_split_over_1000_requests(upstream_factory, sidecar_factor
 
 
 class Replica:
-    """An aiohttp replica on one loopback address (127.0.0.x) and a shared port."""
+    """An aiohttp replica on one loopback address (127.0.0.x or ::1) and a port other replicas may share;
+    keeps the Host header of every request it saw."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port, self.hits = host, port, 0
+        self.hosts: list[str] = []
         self._runner = None
 
     async def start(self) -> "Replica":
         async def handler(request):
             self.hits += 1
+            self.hosts.append(request.headers.get("Host", ""))
             return web.Response(text=self.host)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handler)
@@ -282,30 +291,35 @@ class Replica:
         await self._runner.cleanup()
 
 
+def dns_policy(port, dns: DnsServer, shared: int) -> str:
+    """Upstream `orders`: every A/AAAA record of orders.test on port `shared`, round-robin."""
+    return f"""
+    version: 1
+    listeners:
+      - {{name: api, mode: reverse, port: {port['reverse']}, upstream: orders}}
+    admin: {{port: {port['admin']}}}
+    health: {{bind: 127.0.0.1, port: {port['health']}}}
+    upstreams:
+      orders:
+        url: http://orders.test:{shared}
+        discovery: dns
+        refresh: 200ms
+        resolver: {{servers: ["{dns.address}"]}}
+        balance: round-robin
+    routes:
+      - name: orders
+        match: {{path_prefix: /}}
+        upstream: orders
+    """
+
+
 async def test_dns_discovery_against_a_real_dns_server(sidecar_factory, port):
     dns = DnsServer()
     shared = free_port()
     replicas = [await Replica(f"127.0.0.{i}", shared).start() for i in (1, 2, 3)]
     try:
         dns.set("orders.test", ["127.0.0.1", "127.0.0.2", "127.0.0.3"])
-        await sidecar_factory(f"""
-        version: 1
-        listeners:
-          - {{name: api, mode: reverse, port: {port['reverse']}, upstream: orders}}
-        admin: {{port: {port['admin']}}}
-        health: {{bind: 127.0.0.1, port: {port['health']}}}
-        upstreams:
-          orders:
-            url: http://orders.test:{shared}
-            discovery: dns
-            refresh: 200ms
-            resolver: {{servers: ["{dns.address}"]}}
-            balance: round-robin
-        routes:
-          - name: orders
-            match: {{path_prefix: /}}
-            upstream: orders
-        """)
+        await sidecar_factory(dns_policy(port, dns, shared))
         results = await fire(port, 60, concurrency=1)
         assert all(s == 200 for s, _ in results)
         assert [r.hits for r in replicas] == [20, 20, 20]
@@ -415,3 +429,48 @@ async def test_one_listed_endpoint_gets_its_own_headers(upstream_factory, sideca
     results = await fire(port, 2, concurrency=1)
     assert all(s == 200 and h["x-sidecar-endpoint"] == f"127.0.0.1:{up.port}" for s, h in results)
     assert [r["headers"].get("api-key") for r in up.requests] == ["only-one", "only-one"]
+
+
+async def test_a_listed_ipv6_endpoint_gets_requests_with_a_bracketed_host(sidecar_factory, port):
+    v6 = await Replica("::1", free_port()).start()
+    v4 = await Replica("127.0.0.1", free_port()).start()
+    try:
+        sc = await sidecar_factory(policy(port, [f"http://[::1]:{v6.port}", f"http://127.0.0.1:{v4.port}"], "",
+                                          balance="round-robin"))
+        finished = finished_records(sc)
+        results = await fire(port, 20, concurrency=1)
+        assert all(s == 200 for s, _ in results)
+        assert (v6.hits, v4.hits) == (10, 10)
+        v6_key, v4_key = f"[::1]:{v6.port}", f"127.0.0.1:{v4.port}"
+        assert sorted(h["x-sidecar-endpoint"] for _, h in results) == [v4_key] * 10 + [v6_key] * 10
+        assert set(v6.hosts) == {v6_key} and set(v4.hosts) == {v4_key}      # RFC 9110 7.2: IP-literal
+        endpoints = (await status(port))["endpoints"]["svc"]["endpoints"]
+        assert {e["endpoint"]: e["state"] for e in endpoints} == {v6_key: "active", v4_key: "active"}
+        tried = {(t.server_address, t.server_port) for r in finished for t in r.tries}
+        assert tried == {("::1", v6.port), ("127.0.0.1", v4.port)}          # semconv: the address unbracketed
+    finally:
+        await v6.stop()
+        await v4.stop()
+
+
+async def test_dns_discovery_with_an_aaaa_record_reaches_the_ipv6_replica(sidecar_factory, port):
+    dns = DnsServer()
+    shared = free_port()
+    v6 = await Replica("::1", shared).start()
+    v4 = await Replica("127.0.0.1", shared).start()
+    try:
+        dns.set("orders.test", ["::1", "127.0.0.1"])
+        await sidecar_factory(dns_policy(port, dns, shared))
+        results = await fire(port, 20, concurrency=1)
+        assert all(s == 200 for s, _ in results)
+        assert (v6.hits, v4.hits) == (10, 10)
+        v6_key, v4_key = f"[::1]:{shared}", f"127.0.0.1:{shared}"
+        assert sorted(h["x-sidecar-endpoint"] for _, h in results) == [v4_key] * 10 + [v6_key] * 10
+        assert set(v6.hosts) == set(v4.hosts) == {f"orders.test:{shared}"}   # the Service's name, not the IP
+        st = (await status(port))["endpoints"]["orders"]
+        assert {e["endpoint"] for e in st["endpoints"]} == {v6_key, v4_key}
+        assert st["dns"]["addresses"] == ["127.0.0.1", "::1"]
+    finally:
+        dns.stop()
+        await v6.stop()
+        await v4.stop()
