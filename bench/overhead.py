@@ -21,6 +21,9 @@ from bench.systems import (Proc, cpus, free_port, haproxy_proc, http_get, nginx_
 
 PATHS = {"small": ["/small"], "big": ["/big"], "cached": [f"/cached/{i}" for i in range(100)]}
 CACHING = {"nginx", "haproxy", "sidecar"}
+# Compared in back-to-back pairs (`_pairs`): (reference, system). Tracing's cost, and the targets
+# against the bare aiohttp proxy, one endpoint and three.
+PAIRED = (("sidecar", "sidecar+otlp"), ("aiohttp", "sidecar"), ("aiohttp", "sidecar-3ep"))
 
 
 @dataclass
@@ -33,22 +36,22 @@ class Plan:
     systems: tuple[str, ...]
     rss_entries: int = 10_000
     conns: int = 64
-    tracing_pairs: int = 0                      # back-to-back sidecar / sidecar+otlp pairs (see _tracing)
-    tracing_duration: float = 3
+    pairs: int = 0                              # back-to-back pairs per comparison (see PAIRED, _pairs)
+    pair_duration: float = 3
 
 
 QUICK = Plan(rounds=2, sat_duration=2, rate_duration=1.0, sat_bodies=("small",),
              rates=((1000, "small"),),
              systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar-3ep", "sidecar+otlp"),
              rss_entries=10_000,
-             tracing_pairs=2, tracing_duration=1)
+             pairs=2, pair_duration=1)
 FULL = Plan(rounds=3, sat_duration=4, rate_duration=4, sat_bodies=("small", "big", "cached"),
             rates=((100, "small"), (1000, "small"), (5000, "small"), (1000, "big"), (1000, "cached")),
             systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar-3ep", "sidecar+otlp"),
-            tracing_pairs=10)
+            pairs=10)
 SMOKE = Plan(rounds=1, sat_duration=1, rate_duration=1, sat_bodies=("small",), rates=((200, "small"),),
              systems=("direct", "nginx", "haproxy", "aiohttp", "sidecar", "sidecar+otlp"), rss_entries=200,
-             conns=8, tracing_pairs=1, tracing_duration=1)
+             conns=8, pairs=1, pair_duration=1)
 
 
 @dataclass
@@ -61,7 +64,8 @@ class Overhead:
     cache_fill: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)  # system -> reason
     otlp_received: dict = field(default_factory=dict)
-    tracing: list = field(default_factory=list)  # [{"first": system, system: {rps, per_cpu_s, ...}, ...}]
+    # "a/b" -> [{"first": system, a: {rps, per_cpu_s, ...}, b: {...}}]: the back-to-back pairs
+    pairs: dict = field(default_factory=dict)
 
 
 def cache_available() -> bool:
@@ -189,8 +193,9 @@ def _measure(bench: Bench, plan: Plan, systems: list[str], out: Overhead, log) -
                 out.rate.setdefault(f"{rps}:{body}", {}).setdefault(name, []).append(s)
                 log(f"    {rps:5}/s {body:6} {name:13} p50 {s['p50']:.3f} p99 {s['p99']:.3f} "
                     f"p99.9 {s['p999']:.3f} ms  ok {s['ok']}/{s['sent']}  (gen lag p99 {s['lag_p99']:.3f})")
-    if plan.tracing_pairs and {"sidecar", "sidecar+otlp"} <= set(systems):
-        out.tracing = _tracing(bench, plan, url("sidecar", "small"), url("sidecar+otlp", "small"), log)
+    for a, b in PAIRED:
+        if plan.pairs and {a, b} <= set(systems):
+            out.pairs[f"{a}/{b}"] = _pairs(bench, plan, a, b, url, log)
     for name in systems:
         proc = bench.procs.get(name)
         if proc is not None:
@@ -215,24 +220,22 @@ def _saturate(bench: Bench, name: str, target: str, duration: float, conns: int)
     return res
 
 
-def _tracing(bench: Bench, plan: Plan, plain: str, traced: str, log) -> list[dict]:
-    """Tracing's cost, in back-to-back pairs of saturation runs.
+def _pairs(bench: Bench, plan: Plan, a: str, b: str, url, log) -> list[dict]:
+    """`b` against `a` in back-to-back pairs of saturation runs.
 
-    The cost is a few per cent, while this kind of machine drifts by ±10 % between runs a minute apart,
-    more than the rounds above can average out. So the two sidecars run right after each other, the
-    order flipped every pair, and the report quotes the median of the pairs' ratios.
+    The differences these answer (tracing's cost; the sidecar against the bare aiohttp proxy) are a few
+    per cent, while this kind of machine drifts by ±10 % between runs a minute apart, more than the
+    rounds above can average out. So the two systems run right after each other, the order flipped
+    every pair, and the report quotes the median of the pairs' ratios.
     """
     pairs = []
-    for i in range(plan.tracing_pairs):
-        order = [("sidecar", plain), ("sidecar+otlp", traced)]
-        if i % 2:
-            order.reverse()
-        pair: dict = {"first": order[0][0]}
-        for name, target in order:
-            pair[name] = _saturate(bench, name, target, plan.tracing_duration, plan.conns)
-        a, b = pair["sidecar"], pair["sidecar+otlp"]
-        log(f"    tracing pair {i + 1}/{plan.tracing_pairs}: {a['rps']:7.0f} vs {b['rps']:7.0f} req/s "
-            f"(cost {1 - b['rps'] / a['rps']:+.1%})")
+    for i in range(plan.pairs):
+        order = [a, b] if i % 2 == 0 else [b, a]
+        pair: dict = {"first": order[0]}
+        for name in order:
+            pair[name] = _saturate(bench, name, url(name, "small"), plan.pair_duration, plan.conns)
+        log(f"    pair {i + 1}/{plan.pairs}: {a} {pair[a]['rps']:7.0f} vs {b} {pair[b]['rps']:7.0f} req/s "
+            f"({pair[b]['rps'] / pair[a]['rps']:.3f}x)")
         pairs.append(pair)
     return pairs
 

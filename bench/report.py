@@ -34,37 +34,41 @@ def rate_median(o: Overhead, key: str, system: str, q: str):
     return median([r.get(q) for r in o.rate.get(key, {}).get(system, [])])
 
 
-def _pair_cost(pair: dict) -> tuple[float, float | None]:
-    """(throughput cost, per-CPU-second cost) of tracing in one back-to-back pair."""
-    a, b = pair["sidecar"], pair["sidecar+otlp"]
-    per_cpu = 1 - b["per_cpu_s"] / a["per_cpu_s"] if a.get("per_cpu_s") and b.get("per_cpu_s") else None
-    return 1 - b["rps"] / a["rps"], per_cpu
+def _ratios(pair: dict, a: str, b: str) -> tuple[float, float | None]:
+    """(throughput, per-CPU-second) of `b` over `a` in one back-to-back pair."""
+    x, y = pair[a], pair[b]
+    per_cpu = y["per_cpu_s"] / x["per_cpu_s"] if x.get("per_cpu_s") and y.get("per_cpu_s") else None
+    return y["rps"] / x["rps"], per_cpu
 
 
-def tracing_cost(o: Overhead) -> tuple[float, float | None] | None:
-    """(throughput cost, per-CPU-second cost) of tracing at 5 %: the median over the back-to-back pairs
-    when they were run (see overhead._tracing), else from the rounds' medians."""
-    if o.tracing:
-        costs = [_pair_cost(p) for p in o.tracing]
-        return median([c for c, _ in costs]), median([e for _, e in costs if e is not None])
-    sc, tr = sat_median(o, "small", "sidecar"), sat_median(o, "small", "sidecar+otlp")
-    if not (sc and tr):
+def versus(o: Overhead, a: str, b: str) -> tuple[float, float | None, int] | None:
+    """(throughput, per-CPU-second, pairs) of `b` over `a`: the medians of the back-to-back pairs' ratios
+    when they were run (overhead._pairs; pairs > 0), else the ratio of the rounds' medians (pairs 0)."""
+    pairs = o.pairs.get(f"{a}/{b}")
+    if pairs:
+        ratios = [_ratios(p, a, b) for p in pairs]
+        return median([r for r, _ in ratios]), median([e for _, e in ratios if e is not None]), len(pairs)
+    x, y = sat_median(o, "small", a), sat_median(o, "small", b)
+    if not (x and y):
         return None
-    e_sc, e_tr = sat_median(o, "small", "sidecar", "per_cpu_s"), sat_median(o, "small", "sidecar+otlp", "per_cpu_s")
-    return 1 - tr / sc, (1 - e_tr / e_sc if e_sc and e_tr else None)
+    ex, ey = sat_median(o, "small", a, "per_cpu_s"), sat_median(o, "small", b, "per_cpu_s")
+    return y / x, (ey / ex if ex and ey else None), 0
 
 
-def tracing_table(o: Overhead) -> str:
+def pairs_table(o: Overhead) -> str:
     rows = []
-    for i, p in enumerate(o.tracing, 1):
-        cost, per_cpu = _pair_cost(p)
-        rows.append([str(i), LABELS.get(p["first"], p["first"]), _f(p["sidecar"]["rps"], "{:,.0f}"),
-                     _f(p["sidecar+otlp"]["rps"], "{:,.0f}"), f"{cost:+.1%}", _f(per_cpu, "{:+.1%}")])
-    cost, eff = tracing_cost(o)
-    rows.append(["median", "", "", "", f"{cost:+.1%}", _f(eff, "{:+.1%}")])
-    return (f"### Tracing cost, back-to-back pairs ({o.plan.tracing_duration:g} s saturation runs each)\n\n"
-            + table(["pair", "ran first", "sidecar req/s", "tracing 5% req/s", "throughput cost",
-                     "cost per CPU-second"], rows))
+    for name, pairs in o.pairs.items():
+        a, b = name.split("/")
+        for i, p in enumerate(pairs, 1):
+            ratio, per_cpu = _ratios(p, a, b)
+            rows.append([f"{LABELS.get(b, b)} / {LABELS.get(a, a)}", str(i), LABELS.get(p["first"], p["first"]),
+                         _f(p[a]["rps"], "{:,.0f}"), _f(p[b]["rps"], "{:,.0f}"), f"{ratio:.3f}x",
+                         _f(per_cpu, "{:.3f}x")])
+        ratio, per_cpu, _ = versus(o, a, b)
+        rows.append(["", "median", "", "", "", f"**{ratio:.3f}x**", _f(per_cpu, "{:.3f}x")])
+    return (f"### Back-to-back pairs ({o.plan.pair_duration:g} s saturation runs each, order flipped every pair)\n\n"
+            + table(["comparison", "pair", "ran first", "reference req/s", "system req/s", "throughput ratio",
+                     "ratio per CPU-second"], rows))
 
 
 def overhead_tables(o: Overhead) -> str:
@@ -125,8 +129,8 @@ def overhead_tables(o: Overhead) -> str:
     if rows:
         parts.append("### Latency at fixed rates (open loop, from the scheduled send time, ms)\n\n" + table(
             ["rate", "body", "system", "p50", "p99", "p99.9", "p50 x direct", "p99 x direct", "2xx"], rows))
-    if o.tracing:
-        parts.append(tracing_table(o))
+    if o.pairs:
+        parts.append(pairs_table(o))
     if o.cache_fill:
         c = o.cache_fill
         parts.append(f"Cache fill: {c['ok']:,} of {c['requested']:,} distinct URLs answered, "
@@ -144,29 +148,31 @@ def targets(o: Overhead | None, s: Outcomes | None) -> list[list[str]]:
         rows.append([what, value, "-" if ok is None else ("PASS" if ok else "MISS")])
 
     if o is not None:
-        sc, aio, ngx = (sat_median(o, "small", n) for n in ("sidecar", "aiohttp", "nginx"))
-        eff = {n: sat_median(o, "small", n, "per_cpu_s") for n in ("sidecar", "aiohttp", "nginx")}
-        if sc and aio:
-            extra = f" (per CPU-second {eff['sidecar'] / eff['aiohttp']:.2f}x)" if eff["sidecar"] and eff["aiohttp"] else ""
-            add(">= 1.0x bare aiohttp throughput", f"{sc / aio:.2f}x{extra}", sc / aio >= 1.0)
-        sc3 = sat_median(o, "small", "sidecar-3ep")
-        if sc3 and aio:
-            add(">= 1.0x bare aiohttp, three-endpoint upstream", f"{sc3 / aio:.2f}x", sc3 / aio >= 1.0)
+        sc, ngx = sat_median(o, "small", "sidecar"), sat_median(o, "small", "nginx")
+        eff = {n: sat_median(o, "small", n, "per_cpu_s") for n in ("sidecar", "nginx")}
+        for system, what in (("sidecar", ">= 1.0x bare aiohttp throughput"),
+                             ("sidecar-3ep", ">= 1.0x bare aiohttp, three-endpoint upstream")):
+            vs = versus(o, "aiohttp", system)
+            if vs is not None:
+                ratio, per_cpu, n = vs
+                extra = f" (per CPU-second {per_cpu:.2f}x)" if per_cpu else ""
+                how = f", median of {n} back-to-back pairs" if n else ""
+                add(what, f"{ratio:.2f}x{extra}{how}", ratio >= 1.0)
         if sc and ngx:
             extra = f" (per CPU-second {eff['sidecar'] / eff['nginx']:.2f}x)" if eff["sidecar"] and eff["nginx"] else ""
             add(">= 0.2x nginx throughput", f"{sc / ngx:.2f}x{extra}", sc / ngx >= 0.2)
         key = "1000:small" if "1000:small" in o.rate else None
-        if key and "sidecar" in o.rate[key]:
+        if key and "sidecar" in o.rate[key] and "direct" in o.rate[key]:
             d50, d99 = rate_median(o, key, "direct", "p50"), rate_median(o, key, "direct", "p99")
             s50, s99 = rate_median(o, key, "sidecar", "p50"), rate_median(o, key, "sidecar", "p99")
             add("+p50 <= 0.5 ms at 1,000/s", f"{s50 - d50:+.3f} ms", s50 - d50 <= 0.5)
             add("+p99 <= 2 ms at 1,000/s", f"{s99 - d99:+.3f} ms", s99 - d99 <= 2.0)
-        traced = tracing_cost(o)
+        traced = versus(o, "sidecar", "sidecar+otlp")
         if traced is not None:
-            cost, per_cpu = traced
-            extra = f" (per CPU-second {per_cpu:.1%})" if per_cpu is not None else ""
-            how = f", median of {len(o.tracing)} back-to-back pairs" if o.tracing else ""
-            add("tracing at 5% costs <= 5% throughput", f"{cost:.1%}{extra}{how}", cost <= 0.05)
+            ratio, per_cpu, n = traced
+            extra = f" (per CPU-second {1 - per_cpu:.1%})" if per_cpu is not None else ""
+            how = f", median of {n} back-to-back pairs" if n else ""
+            add("tracing at 5% costs <= 5% throughput", f"{1 - ratio:.1%}{extra}{how}", 1 - ratio <= 0.05)
         peak = o.memory.get("sidecar", {}).get("peak_mib")
         if o.cache_fill:
             peak = max(peak or 0, o.cache_fill["peak_mib"])
@@ -290,11 +296,24 @@ def dump_json(o: Overhead | None, s: Outcomes | None, machine: dict, path: Path)
         doc["overhead"] = {"plan": dataclasses.asdict(o.plan), "systems": o.systems, "sat": o.sat,
                            "rate": o.rate, "memory": o.memory, "cache_fill": o.cache_fill,
                            "skipped": o.skipped, "otlp_received": o.otlp_received,
-                           "tracing": o.tracing}
+                           "pairs": o.pairs}
     if s is not None:
         doc["scenarios"] = {"plan": dataclasses.asdict(s.plan), "systems": s.systems, "runs": s.runs,
                             "skipped": s.skipped}
     path.write_text(json.dumps(doc, indent=1, default=str))
+
+
+def _pairs_of(d: dict) -> dict:
+    """The pairs of a results.json; one written before the comparisons were generalised has only
+    tracing's, under "tracing"."""
+    if "pairs" in d:
+        return d["pairs"]
+    return {"sidecar/sidecar+otlp": d["tracing"]} if d.get("tracing") else {}
+
+
+def _renamed(plan: dict) -> dict:
+    names = {"tracing_pairs": "pairs", "tracing_duration": "pair_duration"}     # before the pairs were general
+    return {names.get(k, k): v for k, v in plan.items()}
 
 
 def load_json(path: Path) -> tuple[Overhead | None, Outcomes | None, dict]:
@@ -305,11 +324,11 @@ def load_json(path: Path) -> tuple[Overhead | None, Outcomes | None, dict]:
     if "overhead" in doc:
         d = doc["overhead"]
         plan = overhead.Plan(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
-                                if isinstance(v, list) else v for k, v in d["plan"].items()}) \
-            if "plan" in d else overhead.FULL
+                                if isinstance(v, list) else v
+                                for k, v in _renamed(d["plan"]).items()}) if "plan" in d else overhead.FULL
         o = Overhead(plan, d.get("systems") or list(d["sat"].get("small", {})), sat=d["sat"], rate=d["rate"],
                      memory=d["memory"], cache_fill=d["cache_fill"], skipped=d["skipped"],
-                     otlp_received=d.get("otlp_received", {}), tracing=d.get("tracing", []))
+                     otlp_received=d.get("otlp_received", {}), pairs=_pairs_of(d))
     if "scenarios" in doc:
         d = doc["scenarios"]
         plan = scenarios.Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["plan"].items()}) \
