@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true")
     mode.add_argument("--smoke", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
-    p.add_argument("--systems", help="comma-separated subset of: direct,nginx,haproxy,aiohttp,sidecar,sidecar+otlp")
+    p.add_argument("--systems", help="comma-separated subset of: direct,nginx,haproxy,aiohttp,sidecar,sidecar-3ep,sidecar+otlp")
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--skip-scenarios", action="store_true")
     p.add_argument("--scenarios", action="store_true", help="also run the scenarios in --quick mode")
     p.add_argument("--rounds", type=int)
+    p.add_argument("--pairs", type=int, help="back-to-back pairs per comparison (and --pair-seconds each run)")
+    p.add_argument("--pair-seconds", type=float)
     p.add_argument("--replot", type=Path, metavar="DIR",
                    help="re-render the tables and plots from DIR/results.json, measuring nothing")
     args = p.parse_args(argv)
@@ -68,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         o_plan = _replace(o_plan, rounds=args.rounds)
         if s_plan:
             s_plan = _replace(s_plan, rounds=args.rounds)
+
+    if args.pairs is not None:
+        o_plan = _replace(o_plan, pairs=args.pairs)
+    if args.pair_seconds:
+        o_plan = _replace(o_plan, pair_duration=args.pair_seconds)
 
     # --full owns bench/results/; the quicker modes write beside it so they never overwrite it.
     out = args.out or (RESULTS if args.full else RESULTS / ("smoke" if args.smoke else "quick"))

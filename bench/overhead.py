@@ -21,7 +21,7 @@ from bench.systems import (Proc, cpus, free_port, haproxy_proc, http_get, nginx_
 
 PATHS = {"small": ["/small"], "big": ["/big"], "cached": [f"/cached/{i}" for i in range(100)]}
 CACHING = {"nginx", "haproxy", "sidecar"}
-# Compared in back-to-back pairs (`_pairs`): (reference, system). Tracing's cost, and the targets
+# Compared in back-to-back pairs (`_pair`): (reference, system). Tracing's cost, and the targets
 # against the bare aiohttp proxy, one endpoint and three.
 PAIRED = (("sidecar", "sidecar+otlp"), ("aiohttp", "sidecar"), ("aiohttp", "sidecar-3ep"))
 
@@ -36,7 +36,7 @@ class Plan:
     systems: tuple[str, ...]
     rss_entries: int = 10_000
     conns: int = 64
-    pairs: int = 0                              # back-to-back pairs per comparison (see PAIRED, _pairs)
+    pairs: int = 0                              # back-to-back pairs per comparison (see PAIRED, _pair)
     pair_duration: float = 3
 
 
@@ -193,9 +193,10 @@ def _measure(bench: Bench, plan: Plan, systems: list[str], out: Overhead, log) -
                 out.rate.setdefault(f"{rps}:{body}", {}).setdefault(name, []).append(s)
                 log(f"    {rps:5}/s {body:6} {name:13} p50 {s['p50']:.3f} p99 {s['p99']:.3f} "
                     f"p99.9 {s['p999']:.3f} ms  ok {s['ok']}/{s['sent']}  (gen lag p99 {s['lag_p99']:.3f})")
-    for a, b in PAIRED:
-        if plan.pairs and {a, b} <= set(systems):
-            out.pairs[f"{a}/{b}"] = _pairs(bench, plan, a, b, url, log)
+    paired = [(a, b) for a, b in PAIRED if {a, b} <= set(systems)]
+    for i in range(plan.pairs):             # the comparisons interleaved: drift meets each alike
+        for a, b in paired:
+            out.pairs.setdefault(f"{a}/{b}", []).append(_pair(bench, plan, a, b, i, url, log))
     for name in systems:
         proc = bench.procs.get(name)
         if proc is not None:
@@ -220,24 +221,21 @@ def _saturate(bench: Bench, name: str, target: str, duration: float, conns: int)
     return res
 
 
-def _pairs(bench: Bench, plan: Plan, a: str, b: str, url, log) -> list[dict]:
-    """`b` against `a` in back-to-back pairs of saturation runs.
+def _pair(bench: Bench, plan: Plan, a: str, b: str, i: int, url, log) -> dict:
+    """`b` against `a` in the `i`th back-to-back pair of saturation runs.
 
     The differences these answer (tracing's cost; the sidecar against the bare aiohttp proxy) are a few
     per cent, while this kind of machine drifts by ±10 % between runs a minute apart, more than the
     rounds above can average out. So the two systems run right after each other, the order flipped
     every pair, and the report quotes the median of the pairs' ratios.
     """
-    pairs = []
-    for i in range(plan.pairs):
-        order = [a, b] if i % 2 == 0 else [b, a]
-        pair: dict = {"first": order[0]}
-        for name in order:
-            pair[name] = _saturate(bench, name, url(name, "small"), plan.pair_duration, plan.conns)
-        log(f"    pair {i + 1}/{plan.pairs}: {a} {pair[a]['rps']:7.0f} vs {b} {pair[b]['rps']:7.0f} req/s "
-            f"({pair[b]['rps'] / pair[a]['rps']:.3f}x)")
-        pairs.append(pair)
-    return pairs
+    order = [a, b] if i % 2 == 0 else [b, a]
+    pair: dict = {"first": order[0]}
+    for name in order:
+        pair[name] = _saturate(bench, name, url(name, "small"), plan.pair_duration, plan.conns)
+    log(f"    pair {i + 1}/{plan.pairs}: {a} {pair[a]['rps']:7.0f} vs {b} {pair[b]['rps']:7.0f} req/s "
+        f"({pair[b]['rps'] / pair[a]['rps']:.3f}x)")
+    return pair
 
 
 def _fill_cache(bench: Bench, entries: int, log) -> dict:

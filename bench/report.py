@@ -43,7 +43,7 @@ def _ratios(pair: dict, a: str, b: str) -> tuple[float, float | None]:
 
 def versus(o: Overhead, a: str, b: str) -> tuple[float, float | None, int] | None:
     """(throughput, per-CPU-second, pairs) of `b` over `a`: the medians of the back-to-back pairs' ratios
-    when they were run (overhead._pairs; pairs > 0), else the ratio of the rounds' medians (pairs 0)."""
+    when they were run (overhead._pair; pairs > 0), else the ratio of the rounds' medians (pairs 0)."""
     pairs = o.pairs.get(f"{a}/{b}")
     if pairs:
         ratios = [_ratios(p, a, b) for p in pairs]
