@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.app import Sidecar, start
+from sidecar.core.authority import authority
 from sidecar.policy.load import load_policy
 
 
@@ -48,9 +49,10 @@ async def stopped_after(start: Callable[..., Awaitable[Any]]) -> AsyncIterator[C
 
 
 class Upstream:
-    """An aiohttp app on a free loopback port; counts the requests it saw."""
+    """An aiohttp app on a free loopback port (127.0.0.1, or `host="::1"`); counts the requests it saw."""
 
-    def __init__(self, handler=None, *, ssl_context=None) -> None:
+    def __init__(self, handler=None, *, ssl_context=None, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = free_port()
         self.hits = 0
         self.requests: list[dict] = []
@@ -61,7 +63,7 @@ class Upstream:
     @property
     def url(self) -> str:
         scheme = "https" if self._ssl else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
+        return f"{scheme}://{authority(self.host, self.port)}"
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
@@ -74,7 +76,7 @@ class Upstream:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ssl).start()
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl).start()
         return self
 
     async def stop(self) -> None:

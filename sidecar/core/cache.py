@@ -27,6 +27,7 @@ from typing import Iterable, Mapping
 
 from yarl import URL
 
+from sidecar.core.authority import authority
 from sidecar.grpc_rules import GrpcCode, answer_status, is_grpc
 from sidecar.policy.model import CachePolicy
 
@@ -344,12 +345,13 @@ def canonical_url(url: URL, upstream: str | None = None) -> str:
     """The URL a cache key holds: the upstream's view of the request, as nginx keys on
     `$proxy_host$request_uri`. To a named upstream: `upstream://NAME/path?sorted-query`, whatever host
     or listener the app addressed (a warmed entry is found by the requests it is meant for); to the
-    original destination: `scheme://host:port/path?sorted-query`. The fragment never reaches a server."""
+    original destination: `scheme://host:port/path?sorted-query`, an IPv6 host in brackets (names and
+    IPv4 keys as they always were). The fragment never reaches a server."""
     query = "&".join(sorted(p for p in url.raw_query_string.split("&") if p))
     if upstream is not None:
         base = f"upstream://{upstream}{url.raw_path or '/'}"
     else:
-        base = f"{url.scheme}://{url.raw_host}:{url.port}{url.raw_path or '/'}"
+        base = f"{url.scheme}://{authority(url.raw_host or '', url.port)}{url.raw_path or '/'}"
     return f"{base}?{query}" if query else base
 
 

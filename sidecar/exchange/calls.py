@@ -8,6 +8,7 @@ from __future__ import annotations
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.core.authority import authority
 from sidecar.exchange.body import RequestBody
 from sidecar.exchange.types import Call, Exchange
 from sidecar.policy.model import Upstream
@@ -43,12 +44,11 @@ def make_call(ex: Exchange, upstream: Upstream | None, *, headers: CIMultiDict[s
     headers = CIMultiDict(ex.headers) if headers is None else headers
     path_qs = path_qs_of(ex.url) if path_qs is None else path_qs
     if upstream is None:
-        authority = ex.url.raw_authority
+        dest = ex.url.raw_authority
         if ex.connect_to is not None:        # the Host header (kept in `headers`) is not re-resolved
-            ip, port = ex.connect_to
-            authority = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-        url = URL(f"{ex.url.scheme}://{authority}{path_qs}", encoded=True)
-        name = f"{ex.url.host}:{ex.url.port}"
+            dest = authority(*ex.connect_to)
+        url = URL(f"{ex.url.scheme}://{dest}{path_qs}", encoded=True)
+        name = authority(ex.url.host or "", ex.url.port)
         hostname = None
     else:
         url = upstream_url(upstream, path_qs)

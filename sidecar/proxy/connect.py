@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from sidecar.core.authority import authority
 from sidecar.core.decisions import Decision
 from sidecar.core.breaker import transition_decision
 from sidecar.exchange.context import Context
@@ -56,7 +57,7 @@ def deny(gen, host: str, port: int, kind: str, listener: str, refusal: Refusal) 
 
 
 def new_record(gen: Context, route: str, host: str, port: int, kind: str, listener: str) -> RequestRecord:
-    name = f"{host}:{port}"
+    name = authority(host, port)
     record = request_record(gen, route=route, listener=listener, method=kind.upper(), url=name, upstream=name)
     record.relayed = kind
     return record
@@ -65,7 +66,7 @@ def new_record(gen: Context, route: str, host: str, port: int, kind: str, listen
 async def open_relayed(gen, route: Route, record: RequestRecord, host: str, port: int, relay: Relay,
                        opener: Opener) -> Refusal | None:
     """Connect the relay's upstream side under the route's connect-level policy."""
-    name = f"{host}:{port}"
+    name = authority(host, port)
     upstream = gen.policy.upstreams.get(route.upstream) if route.upstream else None
     timeout = upstream.connect_timeout if upstream else CONNECT_TIMEOUT
     state = gen.states.get(route.name)

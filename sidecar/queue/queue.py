@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from multidict import CIMultiDict
 
+from sidecar.core.authority import authority
 from sidecar.core.breaker import Transition, transition_decision
 from sidecar.core.clock import SYSTEM_CLOCK
 from sidecar.core.decisions import Decision, DecisionRecord
@@ -85,7 +86,7 @@ def new_item(ex: Exchange, now: float, max_age: float) -> NewItem:
     if up is not None:
         target, upstream, url = up.name, up.name, str(upstream_url(up, path))
     else:
-        target, upstream = f"{ex.url.host}:{ex.url.port}", None
+        target, upstream = authority(ex.url.host or "", ex.url.port), None   # make_call's name
         url = f"{ex.url.scheme}://{ex.url.raw_authority}{path}"
     headers = [(k, v) for k, v in ex.headers.items() if k.lower() not in _NOT_STORED]
     key = ex.headers.get("idempotency-key")

@@ -146,6 +146,16 @@ def test_canonical_url_keeps_encoding_and_default_ports():
     assert canonical_url(URL("http://h:8080")) == "http://h:8080/"
 
 
+def test_an_ipv6_destination_is_keyed_bracketed_and_other_keys_are_unchanged():
+    assert canonical_url(URL("http://[::1]:8080/a")) == "http://[::1]:8080/a"        # was http://::1:8080/a
+    # entries stored before IPv6 hosts were bracketed are still found: same key text, same digest
+    v4 = build_key(("method", "url"), "GET", URL("http://10.0.0.1:8080/a?b=2&a=1"), {}, None)
+    name = build_key(("method", "url"), "GET", URL("http://Api.Example/v1/x"), {}, None)
+    assert v4 == "method=GET\nurl=http://10.0.0.1:8080/a?a=1&b=2"
+    assert key_digest("ns", v4) == "ns:5969f7e221ae12ba502c72853c2f2f80c321da3a"
+    assert key_digest("ns", name) == "ns:14e9ff631737853b8864982a23beb4929d238673"
+
+
 def test_vary_matches_on_the_request_headers_stored_with_the_answer():
     clock = FakeClock()
     entry = entry_at(clock, headers=[("Vary", "Accept-Encoding, Accept")],

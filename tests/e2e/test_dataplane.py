@@ -211,6 +211,53 @@ async def test_connect_tunnel(sidecar_factory, port, tmp_path):
     assert sc.runtime.ready
 
 
+
+def proxy_only(port) -> str:
+    """A proxy listener and nothing else: every request takes the default route to its destination."""
+    return f"""
+    version: 1
+    listeners: [{{name: egress, mode: proxy, port: {port['proxy']}}}]
+    admin: {{port: {port['admin']}}}
+    health: {{bind: 127.0.0.1, port: {port['health']}}}
+    """
+
+
+async def metrics(port) -> str:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port['admin']}/metrics") as r:
+            return await r.text()
+
+
+async def test_a_proxied_request_to_an_ipv6_literal_names_its_destination_in_brackets(
+        upstream_factory, sidecar_factory, port):
+    up = await upstream_factory(echo, host="::1")
+    await sidecar_factory(proxy_only(port))
+    async with aiohttp.ClientSession() as s:
+        # absolute-form, as an app with HTTP_PROXY sends it: GET http://[::1]:PORT/x
+        async with s.get(f"http://[::1]:{up.port}/x", proxy=f"http://127.0.0.1:{port['proxy']}") as r:
+            assert r.status == 200
+            name = f"[::1]:{up.port}"                         # RFC 3986 3.2.2 authority, not ::1:PORT
+            assert r.headers["x-sidecar-upstream"] == name
+            assert (await r.json())["headers"]["host"] == name
+    assert f'sidecar_upstream_requests_total{{code="200",route="default",upstream="{name}"}} 1.0' \
+        in await metrics(port)
+
+
+async def test_a_connect_tunnel_to_an_ipv6_literal_names_its_destination_in_brackets(
+        upstream_factory, sidecar_factory, port):
+    up = await upstream_factory(echo, host="::1")
+    await sidecar_factory(proxy_only(port))
+    name = f"[::1]:{up.port}"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port["proxy"])
+    writer.write(f"CONNECT {name} HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    writer.write(f"GET /x HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    text = await metrics(port)
+    assert f'sidecar_upstream_requests_total{{code="200",route="default",upstream="{name}"}} 1.0' in text
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("tls")
