@@ -13,6 +13,7 @@ from aiohttp import web
 
 from sidecar.admin.app import admin_app, health_app
 from sidecar.admin.events import EventHub
+from sidecar.core.authority import authority
 from sidecar.policy.errors import CertError, PolicyError
 from sidecar.policy.load import load_policy
 from sidecar.policy.model import Policy
@@ -193,9 +194,9 @@ async def _main(policy: Policy, drain_timeout: float, *, reuse_port: bool = Fals
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    listeners = ", ".join(f"{lst.name}={lst.mode}@{lst.bind}:{lst.port}" for lst in policy.listeners)
-    log.info("sidecar ready: policy %s (%s); listeners %s; admin %s:%s", policy.digest, policy.source,
-             listeners, policy.admin.bind, policy.admin.port)
+    listeners = ", ".join(f"{lst.name}={lst.mode}@{authority(lst.bind, lst.port)}" for lst in policy.listeners)
+    log.info("sidecar ready: policy %s (%s); listeners %s; admin %s", policy.digest, policy.source,
+             listeners, authority(policy.admin.bind, policy.admin.port))
     await stop.wait()
     log.info("SIGTERM: draining for up to %gs", drain_timeout)
     await sidecar.stop(drain_timeout=drain_timeout)

@@ -19,6 +19,7 @@ import yaml
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.core.authority import bracketed
 from sidecar.core.cache import canonical_url
 
 from sidecar.policy.dump import route_data, scrub
@@ -158,5 +159,4 @@ def _origin(scheme: str, authority: str) -> str | None:
         return None
     if not host:
         return None
-    host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}:{port or (443 if scheme == 'https' else 80)}"
+    return f"{scheme}://{bracketed(host)}:{port or (443 if scheme == 'https' else 80)}"

@@ -16,6 +16,7 @@ import weakref
 
 from aiohttp import web
 
+from sidecar.core.authority import authority
 from sidecar.core.clock import SYSTEM_CLOCK, Clock
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.health import HealthState
@@ -145,9 +146,9 @@ class Runtime:
                 addr = (lst.bind, lst.port)
                 if addr in held:
                     continue
-                moving = [f"{b}:{p}" for b, p in held if p == lst.port]
+                moving = [authority(b, p) for b, p in held if p == lst.port]
                 if moving:                   # Linux refuses the second bind while the first listens
-                    raise OSError(f"listener {lst.name}: moving {moving[0]} to {lst.bind}:{lst.port} "
+                    raise OSError(f"listener {lst.name}: moving {moving[0]} to {authority(lst.bind, lst.port)} "
                                   "on the same port needs a restart")
                 opened[addr] = await self._bind(lst, self._reuse_port)
         except OSError as exc:

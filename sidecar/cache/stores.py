@@ -22,6 +22,7 @@ from typing import Protocol
 from yarl import URL
 
 from sidecar.cache import codec
+from sidecar.core.authority import authority
 from sidecar.core.cache import CacheEntry
 from sidecar.core.clock import Clock
 
@@ -165,7 +166,7 @@ class RedisStore:
         parsed = URL(url)
         db = (parsed.path or "/").strip("/").split("/")[0]
         self.url = url
-        self.where = f"{parsed.scheme}://{parsed.host}:{parsed.port or 6379}/{db or 0}"   # no password
+        self.where = f"{parsed.scheme}://{authority(parsed.host or '', parsed.port or 6379)}/{db or 0}"   # no password
         self.namespace = namespace
         self.clock = clock
         # Values are our own framed bytes: no serializer, no decoding (encoding=None).

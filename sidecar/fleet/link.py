@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 
 from yarl import URL
 
+from sidecar.core.authority import authority
 from sidecar.core.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger("sidecar.fleet")
@@ -39,7 +40,7 @@ def where(url: str) -> str:
     """The URL as logs may show it: no password."""
     parsed = URL(url)
     db = (parsed.path or "/").strip("/") or "0"
-    return f"{parsed.scheme}://{parsed.host}:{parsed.port or 6379}/{db}"
+    return f"{parsed.scheme}://{authority(parsed.host or '', parsed.port or 6379)}/{db}"
 
 
 class RedisLink:

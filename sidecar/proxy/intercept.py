@@ -17,6 +17,7 @@ import logging
 from aiohttp import web
 from yarl import URL
 
+from sidecar.core.authority import bracketed
 from sidecar.policy.model import Intercept, Listener
 from sidecar.exchange.replies import json_error
 from sidecar.proxy import sniff
@@ -40,7 +41,7 @@ class InterceptedHandler(ListenerHandler):
     def _target(self, gen, request: web.BaseRequest):
         if request.method == "CONNECT":
             return json_error(405, "CONNECT inside an intercepted connection", None, [])
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = bracketed(self.host)
         authority = host if self.port == 443 else f"{host}:{self.port}"
         try:
             return URL(f"https://{authority}{_origin_form(request.raw_path)}", encoded=True), None, None

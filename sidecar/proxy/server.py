@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from yarl import URL
 
+from sidecar.core.authority import bracketed
 from sidecar.core.decisions import Decision
 from sidecar.aiohttp_private import new_response
 from sidecar.grpc_rules import parse_timeout
@@ -120,7 +121,7 @@ class ListenerHandler:
             return json_error(502, "original destination unavailable (not redirected by iptables?)", None, [])
         host_header = request.headers.get("host", "")
         host = (host_header[:host_header.find("]") + 1] if host_header.startswith("[")   # [v6]:port
-                else host_header.rsplit(":", 1)[0]) or dst[0]
+                else host_header.rsplit(":", 1)[0]) or bracketed(dst[0])   # no Host: the address
         authority = f"{host}:{dst[1]}"
         try:
             return URL(f"http://{authority}{path_qs}", encoded=True), None, dst

@@ -22,6 +22,8 @@ import socket
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
+from sidecar.core.authority import authority
+
 METADATA_NETS = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fd00:ec2::254/128"))
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -60,7 +62,7 @@ def refused_address(addr: Address, port: int | None, own_ports: frozenset[int] |
     if any(addr in net for net in METADATA_NETS):
         return f"{addr} is link-local (cloud metadata)"
     if port in own_ports and (addr.is_loopback or addr.is_unspecified or _is_local(addr)):
-        return f"{addr}:{port} is the sidecar itself"
+        return f"{authority(str(addr), port)} is the sidecar itself"
     return None
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.core.authority import bracketed
 from sidecar.core.clock import Clock
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.endpoints import EndpointEvent, EndpointSet
@@ -94,7 +95,7 @@ def static_targets(up: Upstream) -> list[tuple[str, int, str, EndpointTarget]]:
 def dns_targets(up: Upstream, addresses: list[str]) -> list[tuple[str, int, str, EndpointTarget]]:
     out = []
     for address in addresses:
-        host = f"[{address}]" if ":" in address else address
+        host = bracketed(address)
         key = f"{host}:{up.port}"
         out.append((key, 1, "dns", EndpointTarget(
             upstream=up.name, key=key, scheme=up.scheme, host=host, port=up.port, base_path=up.base_path,

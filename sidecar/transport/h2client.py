@@ -30,6 +30,7 @@ from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.core.authority import authority
 from sidecar.transport.errors import UpstreamFailure, connect_failure
 from sidecar.transport.h2conn import FlowBody, H2Peer, StreamGone, decode, encode, fields
 from sidecar.policy.conditions import Outcome
@@ -403,14 +404,15 @@ class H2Pool:
                             if alpn and "http/1.1" in alpn:
                                 self.h1_origins.add(origin)
                                 raise NotH2()
-                            raise UpstreamFailure(Outcome.CONNECT_FAILURE, f"{host}:{port} did not agree to h2 by ALPN")
+                            raise UpstreamFailure(Outcome.CONNECT_FAILURE,
+                                                  f"{authority(host, port)} did not agree to h2 by ALPN")
                     await client.settled       # the peer's SETTINGS: it speaks HTTP/2, and its limits
                 return client
             except TimeoutError as exc:
-                error = UpstreamFailure(Outcome.CONNECT_FAILURE, f"connect timeout to {host}:{port}")
+                error = UpstreamFailure(Outcome.CONNECT_FAILURE, f"connect timeout to {authority(host, port)}")
                 error.__cause__ = exc
             except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
-                error = connect_failure(exc, f"cannot connect to {host}:{port}")
+                error = connect_failure(exc, f"cannot connect to {authority(host, port)}")
         raise error or UpstreamFailure(Outcome.CONNECT_FAILURE, f"{host} resolved to no address")
 
     def close(self) -> None:

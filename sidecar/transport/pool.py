@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 from aiohttp.resolver import DefaultResolver
 
 from sidecar.aiohttp_private import ResponseHandler
+from sidecar.core.authority import authority
 from sidecar.transport.errors import UpstreamFailure, connect_failure
 from sidecar.policy.conditions import Outcome
 
@@ -208,10 +209,10 @@ class Pool:
                         server_hostname=(server_name or host) if tls is not None else None)
                 return proto
             except TimeoutError as exc:
-                error = UpstreamFailure(Outcome.CONNECT_FAILURE, f"connect timeout to {host}:{port}")
+                error = UpstreamFailure(Outcome.CONNECT_FAILURE, f"connect timeout to {authority(host, port)}")
                 error.__cause__ = exc
             except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
-                error = connect_failure(exc, f"cannot connect to {host}:{port}")
+                error = connect_failure(exc, f"cannot connect to {authority(host, port)}")
         if isinstance(error, UpstreamFailure):
             raise error
         raise UpstreamFailure(Outcome.CONNECT_FAILURE, f"{host} resolved to no address")

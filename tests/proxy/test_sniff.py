@@ -320,3 +320,33 @@ async def test_truncated_and_random_first_bytes_are_relayed_whole_after_the_snif
         assert answer == b"ack", first
         assert received[-1] == first
     server.close()
+
+
+async def test_plain_http_to_an_ipv6_original_destination_is_named_in_brackets(transparent, upstream_factory):
+    from aiohttp import web
+
+    async def host_seen(request):
+        return web.Response(text=request.headers.get("Host", "(none)"))
+    up = await upstream_factory(host_seen, host="::1")
+    p, sc, rec, target = await transparent()
+    target.append(("::1", up.port))
+    name = f"[::1]:{up.port}"
+    # HTTP/1.0 with no Host: the original destination is all there is to name the target by
+    with_host = f"GET /x HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode()
+    for request in (b"GET /x HTTP/1.0\r\n\r\n", with_host):
+        reader, writer = await asyncio.open_connection("127.0.0.1", p["proxy"])
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), HANG_GUARD)
+        writer.close()
+        assert answer.split(b" ")[1] == b"200", answer
+        assert f"x-sidecar-upstream: {name}\r\n".encode() in answer.lower(), answer
+        assert answer.endswith(f"\r\n\r\n{name}".encode())          # the Host the server saw
+    assert up.hits == 2
+    # any other TCP to the same destination is relayed, and its record names it the same way
+    reader, writer = await asyncio.open_connection("127.0.0.1", p["proxy"])
+    writer.write(b"*1\r\n$4\r\nPING\r\n")
+    assert (await asyncio.wait_for(reader.read(), HANG_GUARD)).split(b" ")[1] == b"400"   # from the server
+    writer.close()
+    await until(lambda: any(r.relayed == "tcp" for r in rec.finished), "the relayed connection's record")
+    r = next(r for r in rec.finished if r.relayed == "tcp")
+    assert (r.url, r.tries[0].upstream) == (name, name)
