@@ -23,7 +23,7 @@ from yarl import URL
 from sidecar.core.clock import Clock
 from sidecar.core.health import HealthState
 from sidecar.policy.match import Router
-from sidecar.policy.model import Policy, Upstream
+from sidecar.policy.model import Policy, TlsConfig, Upstream
 from sidecar.telemetry.records import TelemetrySink
 
 if TYPE_CHECKING:
@@ -52,9 +52,27 @@ class UpstreamResponse(Protocol):
     def release(self) -> None: ...
 
 
+class Target(Protocol):
+    """Where a try goes, as the transport reads it (its pool key and how to speak to it): an `Upstream`,
+    or one endpoint of a balanced one (transport/endpoints.py's `EndpointTarget`)."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def origin(self) -> str: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def tls(self) -> TlsConfig: ...
+    @property
+    def protocol(self) -> str: ...
+
+
 class Transport(Protocol):
-    """The whole transport contract: one method (httpx's `handle_async_request`)."""
-    async def send(self, upstream: Upstream | None, method: str, url: URL, headers: CIMultiDict[str],
+    """The whole transport contract: one method (httpx's `handle_async_request`). `target` None: the
+    request's original destination."""
+    async def send(self, target: Target | None, method: str, url: URL, headers: CIMultiDict[str],
                    body: bytes | AsyncIterable[bytes] | None, *, timeout: float, read_idle: float,
                    server_hostname: str | None = None,
                    guard: EgressGuard | None = None) -> UpstreamResponse: ...

@@ -23,7 +23,6 @@ from sidecar.policy.conditions import Outcome
 from sidecar.telemetry.records import RequestRecord, TelemetrySink
 
 if TYPE_CHECKING:
-    from sidecar.core.endpoints import EndpointState
     from sidecar.exchange.body import RequestBody
     from sidecar.exchange.context import Context, EgressGuard
     from sidecar.exchange.state import RouteState
@@ -57,9 +56,8 @@ class Call:
     server_hostname: str | None = None
     fallback_target: str | None = None     # label of the fallback target, for traces
     tries: int = 0                         # tries sent to this target so far (resend count)
-    # A balanced upstream (pipeline/balance.py): each try is a Call of its own to one endpoint, and
-    # the target's Call remembers which endpoints this request tried (Envoy's previous_hosts).
-    endpoint: "EndpointState | None" = None
+    # A balanced upstream (pipeline/balance.py): each try goes to one endpoint, and the target's Call
+    # remembers which endpoints this request tried (Envoy's previous_hosts).
     tried: set[str] | None = None
 
 

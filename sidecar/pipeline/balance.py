@@ -1,44 +1,54 @@
-"""Balance layer: each try to a balanced upstream goes to one endpoint, chosen per try.
+"""Balancing: each try to a balanced upstream goes to one endpoint, chosen per try.
 
-Sits under retry and hedge and over the breaker, so every retry or hedged try picks again -- an endpoint
-this request has not tried yet when there is one (Envoy's previous_hosts) -- and the breaker sees which
-endpoint a failure came from. What each answer teaches goes back to the endpoint set: latency and
-in-flight for the balancer, failures for outlier ejection, a 429's Retry-After for that endpoint's
-cooldown. An upstream with a single endpoint passes straight through.
+Not a layer of its own: `send` (the innermost step, under retry, hedge and the breaker) asks `choose`
+before a try to a balanced upstream and tells `answered` / `failed` what came back. So every retry or
+hedged try picks again -- an endpoint this request has not tried yet when there is one (Envoy's
+previous_hosts) -- and a try costs no coroutine frame nor request record of its own. What each answer
+teaches goes back to the endpoint set: latency and in-flight for the balancer, failures for outlier
+ejection, a 429's Retry-After for that endpoint's cooldown. The breaker above learns which endpoint
+failed from the reply's `endpoint` or the failure's, and leaves one bad endpoint to outlier detection.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import cast
 
+from multidict import CIMultiDict
+from yarl import URL
+
 from sidecar.core.decisions import Decision
 from sidecar.core.endpoints import EndpointEvent, EndpointSet, EndpointState
 from sidecar.core.retry import parse_retry_after
-from sidecar.exchange.context import Handler
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.policy.conditions import Outcome
-from sidecar.transport.endpoints import EndpointTarget
+from sidecar.policy.model import Upstream
+from sidecar.transport.endpoints import EndpointTarget, Group
 from sidecar.transport.errors import UpstreamFailure
 
 
-async def balance_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
-    up = call.upstream
-    ctx = ex.ctx
-    group = None if up is None else ctx.endpoints.get(up.name)   # only balanced upstreams have one
-    if group is None:
-        return await next(ex, call)
-    assert up is not None                # a group is found by the upstream's name
-    eset = group.set
-    clock = ctx.clock
-    if not eset.endpoints and group.discovery is not None and not group.discovery.resolved.is_set():
-        await _first_answer(ex, group.discovery.resolved)
+async def first_answer(ex: Exchange, group: Group) -> None:
+    """A just-started sidecar with DNS discovery: wait (within the request's time) for DNS's first answer."""
+    if group.set.endpoints or group.discovery is None or group.discovery.resolved.is_set():
+        return
+    try:
+        async with asyncio.timeout(max(0.0, ex.remaining())):
+            await group.discovery.resolved.wait()
+    except TimeoutError:
+        pass
+
+
+def choose(ex: Exchange, call: Call, up: Upstream, eset: EndpointSet
+           ) -> tuple[EndpointState, EndpointTarget, URL, CIMultiDict[str]]:
+    """This try's endpoint, where it goes and the headers it carries; the endpoint is in flight from here
+    until `answered` or `failed`."""
     if not eset.endpoints:
         raise UpstreamFailure(Outcome.CONNECT_FAILURE, f"no endpoints known for {up.name} (DNS gave none yet)")
-    now = clock.monotonic()
+    ctx = ex.ctx
+    now = ctx.clock.monotonic()
     tried = call.tried
     ep = None if tried else eset.pick_steady(now, ctx.rng)
     if ep is None:
-        ep = _pick(ex, call, eset, now)
+        ep = _pick(ex, up, eset, tried, now)
     target = cast(EndpointTarget, ep.target)   # opaque to core; transport/endpoints.py builds every set
     headers = call.headers
     if target.headers or headers.get("Host") != target.host_header:
@@ -48,29 +58,28 @@ async def balance_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
         headers["Host"] = target.host_header
         for key, value in target.headers:
             headers[key] = value
-    path_qs = call.url.raw_path_qs[len(up.base_path):] or "/"
-    # The endpoint stands in for the Upstream: the transport reads only fields both have (name, origin,
-    # connect_timeout, max_connections, tls, protocol); Call.upstream does not say so yet.
-    attempt = Call(upstream=target,  # type: ignore[arg-type]
-                   name=call.name, method=call.method, url=target.url(path_qs), headers=headers,
-                   body=call.body, server_hostname=target.server_hostname, fallback_target=call.fallback_target,
-                   tries=call.tries, endpoint=ep)
-    call.tries += 1                      # the resend count the next try of this target reports
     if tried is None:
         call.tried = {ep.key}
     else:
         tried.add(ep.key)
     eset.start(ep)
-    started = now
-    try:
-        reply = await next(ex, attempt)
-    except UpstreamFailure:
-        now = clock.monotonic()
-        _note(ex, up.name, eset.finish(ep, False, now - started, now))
-        raise
-    except BaseException:
-        eset.finish(ep, None, None, clock.monotonic())
-        raise
+    return ep, target, target.url(call.url.raw_path_qs[len(up.base_path):] or "/"), headers
+
+
+def failed(ex: Exchange, up: str, eset: EndpointSet, ep: EndpointState, started: float,
+           failure: BaseException) -> None:
+    """The try raised: a transport failure counts against the endpoint; anything else (cancelled, a
+    losing hedge) leaves no verdict."""
+    now = ex.ctx.clock.monotonic()
+    if isinstance(failure, UpstreamFailure):
+        failure.endpoint = ep.key
+        _note(ex, up, eset.finish(ep, False, now - started, now))
+    else:
+        eset.finish(ep, None, None, now)
+
+
+def answered(ex: Exchange, up: str, eset: EndpointSet, ep: EndpointState, started: float, reply: Reply) -> None:
+    clock = ex.ctx.clock
     now = clock.monotonic()
     status = reply.status
     reply.endpoint = ep.key
@@ -80,26 +89,23 @@ async def balance_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     if streamed:
         reply.on_done.append(lambda ok: eset.done(ep))
     if status >= 500:
-        _note(ex, up.name, eset.finish(ep, False, now - started, now, done=not streamed))
+        _note(ex, up, eset.finish(ep, False, now - started, now, done=not streamed))
     elif status == 429:
         eset.finish(ep, None, now - started, now, done=not streamed)
         header = reply.headers.get("retry-after")
         hinted = parse_retry_after(header, clock.time()) if header else None
         if hinted is not None and hinted > 0:
-            _note(ex, up.name, eset.cool_down(ep, hinted, now))
+            _note(ex, up, eset.cool_down(ep, hinted, now))
             # Retry-After speaks for this endpoint alone: a retry may go to another one at once.
             reply.elsewhere = eset.others_ready(ep, now)
     else:
         eset.finish(ep, True, now - started, now, done=not streamed)
-    return reply
 
 
-def _pick(ex: Exchange, call: Call, eset: EndpointSet, now: float) -> EndpointState:
+def _pick(ex: Exchange, up: Upstream, eset: EndpointSet, tried: set[str] | None, now: float) -> EndpointState:
     """A retry, or a set with endpoints out of rotation: restores, panic, health and cooldowns."""
     ctx = ex.ctx
-    up = call.upstream
-    assert up is not None
-    pick = eset.pick(now, ctx.rng, call.tried or ())
+    pick = eset.pick(now, ctx.rng, tried or ())
     for event in pick.restored:
         ctx.endpoints.background(up.name, event, ex.record.policy_version)
     if pick.all_unhealthy:
@@ -108,7 +114,7 @@ def _pick(ex: Exchange, call: Call, eset: EndpointSet, now: float) -> EndpointSt
         if ex.enforce:
             raise Degraded(Outcome.UPSTREAM_UNHEALTHY, f"every endpoint of {up.name} is unhealthy",
                            upstream=up.name)
-        pick = eset.pick(now, ctx.rng, call.tried or (), ignore_health=True)   # shadow: as if no policy
+        pick = eset.pick(now, ctx.rng, tried or (), ignore_health=True)   # shadow: as if no policy
     if pick.none_usable:
         ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint is ejected or failing its health check",
                   upstream=up.name)
@@ -129,12 +135,3 @@ def _pick(ex: Exchange, call: Call, eset: EndpointSet, now: float) -> EndpointSt
 def _note(ex: Exchange, upstream: str, event: EndpointEvent | None) -> None:
     if event is not None:
         ex.decide(event.decision, f"{event.endpoint}: {event.reason}", upstream=upstream)
-
-
-async def _first_answer(ex: Exchange, resolved: asyncio.Event) -> None:
-    """A just-started sidecar: wait (within the request's time) for DNS's first answer."""
-    try:
-        async with asyncio.timeout(max(0.0, ex.remaining())):
-            await resolved.wait()
-    except TimeoutError:
-        pass

@@ -43,8 +43,8 @@ async def breaker_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     started = clock.monotonic()
     try:
         reply = await next(ex, call)
-    except UpstreamFailure:
-        if _outlier_only(ex, call):
+    except UpstreamFailure as failure:
+        if _outlier_only(ex, call, failure.endpoint):
             breaker.release()
         else:
             note_transition(ex, call.name, breaker.record(False, clock.monotonic() - started))
@@ -55,7 +55,7 @@ async def breaker_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
         raise
     elapsed = clock.monotonic() - started
     if reply.status >= 500 or reply_code(reply) in SERVER_FAULTS:
-        if _outlier_only(ex, call):
+        if _outlier_only(ex, call, reply.endpoint):
             breaker.release()
         else:
             note_transition(ex, call.name, breaker.record(False, elapsed))
@@ -71,11 +71,12 @@ async def breaker_layer(ex: Exchange, call: Call, next: Handler) -> Reply:
     return reply
 
 
-def _outlier_only(ex: Exchange, call: Call) -> bool:
-    """A balanced upstream's failure that is one endpoint's, not the upstream's: another endpoint in
-    rotation answered well last. Outlier detection deals with it; the breaker does not count it."""
-    ep = call.endpoint
-    if ep is None:
+def _outlier_only(ex: Exchange, call: Call, endpoint: str | None) -> bool:
+    """A balanced upstream's failure that is one endpoint's (`endpoint`, the key pipeline/balance.py
+    put on the reply or the failure), not the upstream's: another endpoint in rotation answered well
+    last. Outlier detection deals with it; the breaker does not count it."""
+    if endpoint is None:
         return False
     group = ex.ctx.endpoints.get(call.name)
-    return group is not None and not group.set.counts_for_breaker(ep)
+    ep = None if group is None else group.set.get(endpoint)
+    return ep is not None and not group.set.counts_for_breaker(ep)

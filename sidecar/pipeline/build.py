@@ -9,7 +9,6 @@ import functools
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from sidecar.pipeline.balance import balance_layer
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.cache import cache_layer
 from sidecar.exchange.context import Handler
@@ -28,7 +27,7 @@ class Layer(Protocol):
     def __call__(self, ex: Exchange, call: Call, next: Handler) -> Coroutine[Any, Any, Reply]: ...
 
 
-def layers_for(route: Route, balanced: bool = False, upgrade: bool = False) -> list[Layer]:
+def layers_for(route: Route, upgrade: bool = False) -> list[Layer]:
     """`upgrade`: the stack of an upgrade handshake (proxy/upgrade.py), with no cache (an upgraded
     connection is never stored, nor shared by coalescing) and no hedge (one connection, not two)."""
     stack: list[Layer] = []
@@ -48,16 +47,14 @@ def layers_for(route: Route, balanced: bool = False, upgrade: bool = False) -> l
         stack.append(retry_layer)            # tries again under the budget, with backoff
     if route.hedge is not None and not upgrade:
         stack.append(hedge_layer)            # a slow try races another
-    if balanced:
-        stack.append(balance_layer)          # a balanced upstream: each try picks an endpoint
     stack.append(breaker_layer)              # per (route, upstream): open rejects; health checks too
+    # ... then `send`: one try, to one endpoint of a balanced upstream (pipeline/balance.py)
     return stack
 
 
-def build(route: Route, balanced: bool = False, upgrade: bool = False) -> Handler:
-    """`balanced`: the policy has an upstream with several endpoints (only then the balance layer)."""
+def build(route: Route, upgrade: bool = False) -> Handler:
     handler: Handler = send                  # one physical try, with the per-try timeout
-    for layer in reversed(layers_for(route, balanced, upgrade)):
+    for layer in reversed(layers_for(route, upgrade)):
         handler = functools.partial(layer, next=handler)
     return handler
 

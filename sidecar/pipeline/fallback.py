@@ -20,7 +20,6 @@ from typing import Any
 from multidict import CIMultiDict
 
 from sidecar.core.decisions import Decision
-from sidecar.pipeline.balance import balance_layer
 from sidecar.pipeline.breaker import breaker_layer
 from sidecar.pipeline.calls import rewritten_call
 from sidecar.exchange.context import Handler
@@ -35,7 +34,7 @@ from sidecar.transport.errors import UpstreamFailure
 
 # A fallback upstream is called once, through its own breaker (so a dead fallback is skipped fast),
 # to one of its endpoints when it has several.
-target_stack = functools.partial(balance_layer, next=functools.partial(breaker_layer, next=send))
+target_stack = functools.partial(breaker_layer, next=send)
 
 
 async def fallback_layer(ex: Exchange, call: Call, next: Handler) -> Reply:

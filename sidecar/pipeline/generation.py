@@ -29,8 +29,7 @@ def build_generation(policy: Policy, services: Services, registry: StateRegistry
     for route in routes:
         if route.cache is not None:
             attach_cache(binding, states[route.name], route, current)
-    balanced = any(u.balanced for u in policy.upstreams.values())
-    return Context(policy, services, states=states, handlers={r.name: build(r, balanced) for r in routes},
-                   upgrade_handlers={r.name: build(r, balanced, upgrade=True) for r in routes},
+    return Context(policy, services, states=states, handlers={r.name: build(r) for r in routes},
+                   upgrade_handlers={r.name: build(r, upgrade=True) for r in routes},
                    replay_limits={r.name: replay_limit(r) for r in routes},
                    interceptors=interceptors or {}), binding

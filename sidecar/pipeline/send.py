@@ -1,4 +1,5 @@
-"""The innermost layer: one physical try to one target, recorded for the trace.
+"""The innermost layer: one physical try to one target, recorded for the trace. A balanced upstream's
+try goes to the endpoint pipeline/balance.py chooses for it, and what came back is reported there.
 
 Returns as soon as response headers arrive; the body stays unread in `Reply.stream` so that it is
 streamed to the app, never buffered. `traceparent` is set per try to that try's own span id.
@@ -9,6 +10,7 @@ import time
 from typing import AsyncIterator
 
 from multidict import CIMultiDict
+from yarl import URL
 
 from sidecar.grpc_rules import format_timeout, is_grpc
 from sidecar.exchange.calls import MIN_READ_IDLE, redact_url
@@ -18,7 +20,8 @@ from sidecar.llm.usage import AnswerScanner, LlmCall, request_shape, scan_body
 from sidecar.pipeline.grpc import reply_code
 from sidecar.telemetry.records import TryRecord
 from sidecar.telemetry.tracecontext import format_traceparent, new_span_id
-from sidecar.exchange.context import UpstreamResponse
+from sidecar.exchange.context import Target, UpstreamResponse
+from sidecar.pipeline import balance
 from sidecar.transport.errors import UpstreamFailure, translate
 
 
@@ -27,35 +30,53 @@ async def send(ex: Exchange, call: Call) -> Reply:
     timeout = ex.remaining()
     if route.per_try_timeout is not None and route.per_try_timeout < timeout:
         timeout = route.per_try_timeout
-    url = call.url
+    up = call.upstream
+    target: Target | None = up
+    url, headers, hostname = call.url, call.headers, call.server_hostname
+    ep = eset = None
+    started = 0.0
+    if up is not None and up.balanced:
+        group = ex.ctx.endpoints.get(up.name)
+        if group is not None:                    # pipeline/balance.py: this try's endpoint
+            eset = group.set
+            if not eset.endpoints:
+                await balance.first_answer(ex, group)
+            ep, target, url, headers = balance.choose(ex, call, up, eset)
+            hostname = target.server_hostname
+            started = ex.ctx.clock.monotonic()
     rec = TryRecord(span_id=new_span_id(), upstream=call.name, method=call.method, url=redact_url(url),
                     server_address=url.host or "", server_port=url.port or 0, start_ns=time.time_ns(),
                     resend_count=call.tries, fallback_target=call.fallback_target,
-                    endpoint=None if call.endpoint is None else call.endpoint.key)
+                    endpoint=None if ep is None else ep.key)
     call.tries += 1
     ex.attempts += 1
     ex.record.tries.append(rec)
-    call.headers["traceparent"] = format_traceparent(ex.record.trace_id, rec.span_id, ex.record.sampled)
+    headers["traceparent"] = format_traceparent(ex.record.trace_id, rec.span_id, ex.record.sampled)
     if ex.record.tracestate:
-        call.headers["tracestate"] = ex.record.tracestate
-    rec.llm = _llm_shape(ex, call)         # a non-LLM path costs one str.endswith()
-    if "grpc-timeout" in call.headers or is_grpc(call.headers.get("content-type")):
-        call.headers["grpc-timeout"] = format_timeout(timeout)   # the deadline left, for the upstream
+        headers["tracestate"] = ex.record.tracestate
+    rec.llm = _llm_shape(ex, call, url)    # a non-LLM path costs one str.endswith()
+    if "grpc-timeout" in headers or is_grpc(headers.get("content-type")):
+        headers["grpc-timeout"] = format_timeout(timeout)   # the deadline left, for the upstream
     payload = call.body.payload()
     try:
         resp = await ex.ctx.transport.send(
-            call.upstream, call.method, url, call.headers, payload, timeout=timeout,
-            read_idle=max(route.timeout, MIN_READ_IDLE), server_hostname=call.server_hostname,
-            guard=ex.egress_guard)
-    except UpstreamFailure as failure:
-        rec.end_ns = time.time_ns()
-        rec.error_type = failure.kind.value
+            target, call.method, url, headers, payload, timeout=timeout,
+            read_idle=max(route.timeout, MIN_READ_IDLE), server_hostname=hostname, guard=ex.egress_guard)
+    except BaseException as failure:
+        if isinstance(failure, UpstreamFailure):
+            rec.end_ns = time.time_ns()
+            rec.error_type = failure.kind.value
+        if eset is not None and ep is not None:
+            balance.failed(ex, call.name, eset, ep, started, failure)
         raise
     rec.status = resp.status
     if resp.status == 101:               # switched protocols: the listener takes the connection over
         rec.end_ns = time.time_ns()
-        return Reply(status=101, headers=CIMultiDict(resp.headers), upstream=call.name, body=b"",
-                     release_cb=resp.release, upgraded=resp)
+        reply = Reply(status=101, headers=CIMultiDict(resp.headers), upstream=call.name, body=b"",
+                      release_cb=resp.release, upgraded=resp)
+        if eset is not None and ep is not None:
+            balance.answered(ex, call.name, eset, ep, started, reply)
+        return reply
     if resp.status >= 500:
         rec.error_type = str(resp.status)
     content = resp.content
@@ -93,13 +114,15 @@ async def send(ex: Exchange, call: Call) -> Reply:
         if code is not None:
             rec.grpc_status = int(code)
     reply.on_done.append(_ended)
+    if eset is not None and ep is not None:
+        balance.answered(ex, call.name, eset, ep, started, reply)
     return reply
 
 
-def _llm_shape(ex: Exchange, call: Call) -> LlmCall | None:
+def _llm_shape(ex: Exchange, call: Call, url: URL) -> LlmCall | None:
     if call.method != "POST":              # every LLM API call is a POST
         return None
-    llm = request_shape(call.url.path, call.body.data)
+    llm = request_shape(url.path, call.body.data)
     if llm is None:
         return None
     record = ex.record

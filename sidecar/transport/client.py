@@ -24,6 +24,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.exchange.context import Target
 from sidecar.aiohttp_private import ResponseHandler, StreamWriter, serialize_headers
 from sidecar.policy.conditions import Outcome
 from sidecar.policy.model import Upstream
@@ -61,7 +62,7 @@ class PoolKey:
         return self.guard is not None
 
 
-def _key(up: Upstream | None, guard: frozenset[int] | None = None) -> PoolKey:
+def _key(up: Target | None, guard: frozenset[int] | None = None) -> PoolKey:
     if up is None:
         return PoolKey(None, "", PASSTHROUGH_CONNECT_TIMEOUT, PASSTHROUGH_MAX_CONNECTIONS, None, True, guard)
     return PoolKey(up.name, up.origin, up.connect_timeout, up.max_connections, up.tls.ca_file, up.tls.verify)
@@ -144,7 +145,7 @@ class Transport:
     def __init__(self) -> None:
         self._pools: dict[PoolKey, Pool] = {}
         self._h2_pools: dict[PoolKey, H2Pool] = {}
-        self._keys: dict[int, tuple[Upstream, PoolKey]] = {}
+        self._keys: dict[int, tuple[Target, PoolKey]] = {}
 
     def _pool(self, key: PoolKey) -> Pool:
         pool = self._pools.get(key)
@@ -155,7 +156,7 @@ class Transport:
                 cache_dns=key.guard is None)
         return pool
 
-    async def send(self, upstream: Upstream | None, method: str, url: URL, headers: CIMultiDict,
+    async def send(self, target: Target | None, method: str, url: URL, headers: CIMultiDict,
                    body: bytes | AsyncIterable[bytes] | None, *, timeout: float, read_idle: float,
                    server_hostname: str | None = None, guard: frozenset[int] | None = None) -> Response:
         """Send one request; raise `UpstreamFailure` unless response headers arrive within `timeout`.
@@ -163,19 +164,19 @@ class Transport:
         `guard`: the request came from the proxy listener on a route without `allow_internal`; a
         request to its original destination then resolves through the egress guard refusing these
         own ports (egress.py). Named upstreams are the operator's and are not guarded."""
-        if upstream is None:
+        if target is None:
             key = _key(None, guard)
         else:
-            # Hoisted to once per Upstream object (a policy load): hashing the frozen record per
-            # request cost more than the rest of this method.
-            cached = self._keys.get(id(upstream))
-            if cached is None or cached[0] is not upstream:
-                cached = self._keys[id(upstream)] = (upstream, _key(upstream))
+            # Hoisted to once per target object (a policy load, an endpoint): hashing the frozen
+            # record per request cost more than the rest of this method.
+            cached = self._keys.get(id(target))
+            if cached is None or cached[0] is not target:
+                cached = self._keys[id(target)] = (target, _key(target))
             key = cached[1]
         if timeout <= 0:
             raise UpstreamFailure(Outcome.TIMEOUT, "no time left for this try")
         origin = (url.scheme, url.raw_host or "", url.port or 80, server_hostname)
-        alpn = _h2_alpn(upstream, url, headers)
+        alpn = _h2_alpn(target, url, headers)
         if alpn is not None and origin not in self._h2_pool(key).h1_origins:
             try:
                 return await self._send_h2(key, method, url, headers, body, timeout, origin, alpn)
@@ -272,11 +273,11 @@ class Transport:
         self._h2_pools.clear()
 
 
-def _h2_alpn(upstream: Upstream | None, url: URL, headers: CIMultiDict) -> tuple[str, ...] | None:
+def _h2_alpn(target: Target | None, url: URL, headers: CIMultiDict) -> tuple[str, ...] | None:
     """How to speak to this upstream: None for HTTP/1.1, else HTTP/2 with these ALPN offers (empty
     for h2c, prior knowledge). `auto` (and an original destination): on TLS whatever ALPN picks; in
     clear text HTTP/1.1, except for gRPC, which exists only over HTTP/2."""
-    protocol = getattr(upstream, "protocol", "auto")    # an Upstream or one of its EndpointTargets
+    protocol = "auto" if target is None else target.protocol
     if protocol == "http1":
         return None
     if protocol == "h2c":

@@ -22,12 +22,13 @@ from sidecar.telemetry.redact import redact
 
 
 class UpstreamFailure(Exception):
-    __slots__ = ("kind", "detail")
+    __slots__ = ("kind", "detail", "endpoint")
 
     def __init__(self, kind: Outcome, detail: str) -> None:
         self.kind = Outcome(kind)            # one of TRANSPORT_FAILURES
         super().__init__(f"{self.kind}: {detail}")
         self.detail = detail
+        self.endpoint: str | None = None     # a balanced upstream's endpoint that failed (pipeline/balance.py)
 
 
 def translate(exc: BaseException) -> UpstreamFailure:
