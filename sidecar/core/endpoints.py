@@ -185,6 +185,20 @@ class EndpointSet:
         return EndpointEvent(Decision.ENDPOINT_EJECTED, ep.key,
                              f"{self.outlier.consecutive_failures} consecutive failures; ejected for {duration:g}s")
 
+    def answered(self, ep: EndpointState, status: int, latency: float, now: float,
+                 retry_after: float | None = None, done: bool = True) -> EndpointEvent | None:
+        """A try's answer is in (the live path's and a queued write's alike): a 5xx counts against `ep`
+        for outlier detection; a 429 is no verdict, and with a Retry-After (`retry_after`, seconds) cools
+        `ep` alone down for that long; any other status is a good answer."""
+        if status >= 500:
+            return self.finish(ep, False, latency, now, done=done)
+        if status == 429:
+            self.finish(ep, None, latency, now, done=done)
+            if retry_after is not None and retry_after > 0:
+                return self.cool_down(ep, retry_after, now)
+            return None
+        return self.finish(ep, True, latency, now, done=done)
+
     def done(self, ep: EndpointState) -> None:
         """A streamed answer's body ended (or was cut, or dropped): the try leaves the in-flight count."""
         if ep.in_flight > 0:

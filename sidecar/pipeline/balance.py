@@ -50,14 +50,9 @@ def choose(ex: Exchange, call: Call, up: Upstream, eset: EndpointSet
     if ep is None:
         ep = _pick(ex, up, eset, tried, now)
     target = cast(EndpointTarget, ep.target)   # opaque to core; transport/endpoints.py builds every set
-    headers = call.headers
-    if target.headers or headers.get("Host") != target.host_header:
-        # This endpoint's own Host or headers (an API key): on a copy, so that a retry or a hedged
-        # try to another endpoint does not carry them. Otherwise the tries share the request's.
-        headers = headers.copy()
-        headers["Host"] = target.host_header
-        for key, value in target.headers:
-            headers[key] = value
+    # On a copy when this endpoint has its own Host or headers, so that a retry or a hedged try to
+    # another endpoint does not carry them.
+    headers = target.with_headers(call.headers)
     if tried is None:
         call.tried = {ep.key}
     else:
@@ -88,18 +83,16 @@ def answered(ex: Exchange, up: str, eset: EndpointSet, ep: EndpointState, starte
     streamed = reply.stream is not None
     if streamed:
         reply.on_done.append(lambda ok: eset.done(ep))
-    if status >= 500:
-        _note(ex, up, eset.finish(ep, False, now - started, now, done=not streamed))
-    elif status == 429:
-        eset.finish(ep, None, now - started, now, done=not streamed)
+    hinted = None
+    if status == 429:
         header = reply.headers.get("retry-after")
         hinted = parse_retry_after(header, clock.time()) if header else None
-        if hinted is not None and hinted > 0:
-            _note(ex, up, eset.cool_down(ep, hinted, now))
+    event = eset.answered(ep, status, now - started, now, hinted, done=not streamed)
+    if event is not None:
+        _note(ex, up, event)
+        if event.decision is Decision.ENDPOINT_COOLDOWN:
             # Retry-After speaks for this endpoint alone: a retry may go to another one at once.
             reply.elsewhere = eset.others_ready(ep, now)
-    else:
-        eset.finish(ep, True, now - started, now, done=not streamed)
 
 
 def _pick(ex: Exchange, up: Upstream, eset: EndpointSet, tried: set[str] | None, now: float) -> EndpointState:

@@ -3,25 +3,35 @@
 The request is rebuilt from the *current* policy: a reload that moved the upstream's url or rotated its
 API key applies to writes already waiting. Each attempt becomes a span in the original request's trace
 (its parent is the span of the request that was answered `202`), with one CLIENT try under it.
+
+A balanced upstream's attempt goes to one endpoint its set picks now (ejection, health, cooldowns and
+panic as for a live try), with that endpoint's Host and own headers, and what came back is reported to
+the set as the live path does (pipeline/balance.py): a dead replica is ejected, not retried forever, and
+a failure of one endpoint while another answers well is no verdict for the route's breaker.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.core.breaker import CircuitBreaker, transition_decision
+from typing import NamedTuple, cast
+
+from sidecar.core.breaker import CircuitBreaker, Transition, transition_decision
 from sidecar.core.decisions import DecisionRecord
+from sidecar.core.endpoints import EndpointEvent, EndpointSet, EndpointState
 from sidecar.core.retry import parse_retry_after
 from sidecar.exchange.calls import MIN_READ_IDLE, host_header, redact_url, upstream_url
-from sidecar.exchange.context import Context
+from sidecar.exchange.context import Context, Target
 from sidecar.exchange.records import request_record
+from sidecar.policy.conditions import Outcome as Condition
 from sidecar.policy.model import Policy, Route, Upstream
 from sidecar.queue.store import Item
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import format_traceparent, new_span_id, new_trace_id
+from sidecar.transport.endpoints import EndpointTarget
 from sidecar.transport.errors import UpstreamFailure
 
 # 408 and 429 say "not now" rather than "never": the write is tried again. Any other 4xx is the
@@ -37,11 +47,22 @@ class Outcome:
     error: str | None                      # failure kind or status, when not delivered
     retry_after: float | None = None
     elapsed: float = 0.0
+    # False: no verdict on the upstream for the breaker -- nothing was sent (no endpoint to send to),
+    # or one endpoint failed while another in rotation answers well (outlier detection's business).
+    counted: bool = True
 
     @property
     def upstream_ok(self) -> bool:
         """What the breaker is told: as in the data plane, only 5xx and transport failures count."""
         return self.status is not None and self.status < 500
+
+
+def judge(breaker: CircuitBreaker, outcome: Outcome) -> Transition | None:
+    """Tell the route's breaker (which admitted this attempt) what the attempt says of the upstream."""
+    if not outcome.counted:
+        breaker.release()
+        return None
+    return breaker.record(outcome.upstream_ok, outcome.elapsed)
 
 
 def finished(status: int) -> bool:
@@ -101,6 +122,31 @@ def build_request(policy: Policy, item: Item) -> Request | None:
     return Request(up, url, headers, hostname)
 
 
+class Unsent(NamedTuple):
+    """Why a balanced upstream's attempt has no endpoint to go to, and when one may be ready."""
+    kind: Condition
+    reason: str
+    wait: float | None = None
+
+
+def choose(ctx: Context, up: Upstream, eset: EndpointSet) -> EndpointState | Unsent:
+    """This attempt's endpoint, as `EndpointSet.pick` gives it for a first try (no Exchange here:
+    ejections that ended go out as background decisions, the rest is the attempt's outcome)."""
+    if not eset.endpoints:
+        return Unsent(Condition.CONNECT_FAILURE, f"no endpoints known for {up.name} (DNS gave none yet)")
+    now = ctx.clock.monotonic()
+    pick = eset.pick(now, ctx.rng)
+    for event in pick.restored:
+        ctx.endpoints.background(up.name, event, ctx.policy.digest)
+    if pick.all_unhealthy:
+        return Unsent(Condition.UPSTREAM_UNHEALTHY, f"every endpoint of {up.name} fails its health check")
+    if pick.endpoint is None:
+        wait = max(0.001, (pick.cooled_until or now) - now)
+        return Unsent(Condition.RATE_LIMITED,
+                      f"every endpoint of {up.name} is cooling down for another {wait:.1f}s", wait)
+    return pick.endpoint
+
+
 async def attempt(ctx: Context, item: Item, request: Request, route: Route | None,
                   resend_count: int) -> tuple[Outcome, RequestRecord]:
     """Send `item` once under `route`'s timeouts (None: the route left the policy). Never raises for
@@ -108,15 +154,29 @@ async def attempt(ctx: Context, item: Item, request: Request, route: Route | Non
     timeout = DEFAULT_TIMEOUT
     if route is not None:
         timeout = route.per_try_timeout if route.per_try_timeout is not None else route.timeout
-    url = request.url
+    up = request.upstream
+    target: Target | None = up
+    url, headers, hostname = request.url, request.headers, request.server_hostname
+    group = ctx.endpoints.get(up.name) if up is not None and up.balanced else None
+    eset: EndpointSet | None = None
+    ep: EndpointState | None = None
+    if group is not None:
+        eset = group.set
+        chosen = choose(ctx, cast(Upstream, up), eset)
+        if isinstance(chosen, Unsent):
+            return _unsent(ctx, item, url, chosen)
+        ep = chosen
+        ept = cast(EndpointTarget, ep.target)    # opaque to core; transport/endpoints.py builds every set
+        target, url, hostname = ept, ept.url(item.path), ept.server_hostname
+        headers = ept.with_headers(headers)      # its Host and own headers: secrets from the policy
     try_rec = TryRecord(span_id=new_span_id(), upstream=item.target, method=item.method,
                         url=redact_url(url), server_address=url.host or "", server_port=url.port or 0,
-                        start_ns=time.time_ns(), resend_count=resend_count)
+                        start_ns=time.time_ns(), resend_count=resend_count,
+                        endpoint=None if ep is None else ep.key)
     record = request_record(ctx, route=item.route, listener="queue", method=item.method, url=try_rec.url,
                             parent=(item.trace_id or new_trace_id(), item.span_id, True),
                             upstream=item.target, tries=[try_rec], start_ns=try_rec.start_ns)
     record.attempts = 1
-    headers = request.headers
     headers["traceparent"] = format_traceparent(record.trace_id, try_rec.span_id, record.sampled)
     clock = ctx.clock
     started = clock.monotonic()
@@ -124,13 +184,19 @@ async def attempt(ctx: Context, item: Item, request: Request, route: Route | Non
     # resolves to metadata or to the sidecar must not get through later, from the queue).
     guard = ctx.own_ports if request.upstream is None and not (
         route is not None and route.allow_internal) else None
+    if eset is not None and ep is not None:
+        eset.start(ep)                           # in flight until `_settle` (or cancelled) below
     try:
         resp = await ctx.transport.send(
-            request.upstream, item.method, url, headers, item.body, timeout=timeout,
-            read_idle=max(timeout, MIN_READ_IDLE), server_hostname=request.server_hostname, guard=guard)
+            target, item.method, url, headers, item.body, timeout=timeout,
+            read_idle=max(timeout, MIN_READ_IDLE), server_hostname=hostname, guard=guard)
     except UpstreamFailure as failure:
         try_rec.error_type = record.error_type = failure.kind.value
         outcome = Outcome(False, None, failure.kind, elapsed=clock.monotonic() - started)
+    except BaseException:
+        if eset is not None and ep is not None:
+            eset.finish(ep, None, None, clock.monotonic())    # cancelled (shutdown): no verdict
+        raise
     else:
         status = resp.status
         retry_after = None
@@ -143,6 +209,39 @@ async def attempt(ctx: Context, item: Item, request: Request, route: Route | Non
         done = finished(status)
         outcome = Outcome(done, status, None if done else str(status), retry_after,
                           clock.monotonic() - started)
+    if eset is not None and ep is not None:
+        outcome = _settle(ctx, item, eset, ep, outcome)
     try_rec.end_ns = record.end_ns = time.time_ns()
     return outcome, record
 
+
+def _settle(ctx: Context, item: Item, eset: EndpointSet, ep: EndpointState, outcome: Outcome) -> Outcome:
+    """Report the attempt to the endpoint set (latency and in-flight for the balancer, failures for
+    outlier ejection, a 429's Retry-After for that endpoint's cooldown); returns the outcome as the
+    queue and the breaker should take it."""
+    now = ctx.clock.monotonic()
+    status = outcome.status
+    event: EndpointEvent | None
+    if status is None:
+        event = eset.finish(ep, False, outcome.elapsed, now)
+    else:
+        hinted = outcome.retry_after if status == 429 else None
+        event = eset.answered(ep, status, outcome.elapsed, now, hinted)
+    if event is not None:
+        ctx.endpoints.background(item.target, event, ctx.policy.digest)
+    if outcome.upstream_ok:
+        if status == 429 and outcome.retry_after and eset.others_ready(ep, now):
+            # Retry-After spoke for this endpoint alone: the next attempt may go to another one.
+            outcome = replace(outcome, retry_after=None)
+        return outcome
+    return replace(outcome, counted=eset.counts_for_breaker(ep))
+
+
+def _unsent(ctx: Context, item: Item, url: URL, unsent: Unsent) -> tuple[Outcome, RequestRecord]:
+    """An attempt with no endpoint to go to: a failed attempt that sent nothing, tried again with the
+    queue's backoff (not before a cooldown ends), and no verdict for the breaker."""
+    record = request_record(ctx, route=item.route, listener="queue", method=item.method, url=redact_url(url),
+                            parent=(item.trace_id or new_trace_id(), item.span_id, True), upstream=item.target)
+    record.error_type = unsent.kind.value
+    record.end_ns = time.time_ns()
+    return Outcome(False, None, unsent.reason, unsent.wait, counted=False), record

@@ -299,7 +299,7 @@ class DurableQueue:
                 breaker.release()            # cancelled (shutdown): no verdict on the upstream
             raise
         if breaker is not None:
-            self._transition(route, head.target, breaker.record(outcome.upstream_ok, outcome.elapsed))
+            self._transition(route, head.target, deliver.judge(breaker, outcome))
         if outcome.delivered:
             await self._db(self._store.delete, head.id)
             entries = self._routes[route]

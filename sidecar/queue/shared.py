@@ -411,7 +411,7 @@ class SharedQueue:
                 breaker.release()
             raise
         if breaker is not None:
-            transition = breaker.record(outcome.upstream_ok, outcome.elapsed)
+            transition = deliver.judge(breaker, outcome)
             if transition is not None:
                 self._emit(transition_decision(transition), route, item.target,
                            f"{transition.reason} (queue delivery)", None, breaker_state=transition.new.value)

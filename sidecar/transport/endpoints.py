@@ -62,6 +62,18 @@ class EndpointTarget:
     def url(self, path_qs: str) -> URL:
         return URL(f"{self.origin}{self.base_path}{path_qs}", encoded=True)
 
+    def with_headers(self, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        """`headers` as sent to this endpoint: its Host, and its own headers (an API key) on top of
+        them. A copy when that changes anything (`headers` itself is left as it was), else `headers`.
+        Every try to an endpoint (the live path's, a queued write's, a health check) is built here."""
+        if not self.headers and headers.get("Host") == self.host_header:
+            return headers
+        headers = headers.copy()
+        headers["Host"] = self.host_header
+        for key, value in self.headers:
+            headers[key] = value
+        return headers
+
     @property
     def same_pool_as(self) -> tuple:
         return (self.origin, self.connect_timeout, self.max_connections, self.tls, self.server_hostname)
@@ -255,9 +267,7 @@ def _discovery_key(up: Upstream) -> tuple:
 
 async def probe(transport, check, target: EndpointTarget) -> bool:
     """True when the endpoint answered its health check with a 2xx or 3xx within the timeout."""
-    headers = CIMultiDict({"Host": target.host_header, "User-Agent": "sidecar-health-check"})
-    for key, value in target.headers:
-        headers[key] = value
+    headers = target.with_headers(CIMultiDict({"User-Agent": "sidecar-health-check"}))
     try:
         resp = await transport.send(target, "GET", target.url(check.path), headers, None, timeout=check.timeout,
                                     read_idle=check.timeout, server_hostname=target.server_hostname)

@@ -5,12 +5,14 @@ import json
 import aiohttp
 from aiohttp import web
 
-from harness import Upstream
+from harness import Upstream, free_port
 from sidecar.core.clock import FakeClock
+from sidecar.telemetry.records import RequestRecord
 
 
 def policy(port, upstream_url, tmp_path, *, queue="{when: [retries-exhausted, breaker-open]}",
-           breaker="{consecutive_failures: 2, open_for: 200ms, max_open_for: 400ms}"):
+           breaker="{consecutive_failures: 2, open_for: 200ms, max_open_for: 400ms}", upstream=None):
+    upstream = upstream or f'{{url: "{upstream_url}", headers: {{authorization: "Bearer upstream-secret"}}}}'
     return f"""
     version: 1
     listeners:
@@ -18,7 +20,7 @@ def policy(port, upstream_url, tmp_path, *, queue="{when: [retries-exhausted, br
     admin: {{port: {port['admin']}}}
     health: {{bind: 127.0.0.1, port: {port['health']}}}
     upstreams:
-      svc: {{url: "{upstream_url}", headers: {{authorization: "Bearer upstream-secret"}}}}
+      svc: {upstream}
     routes:
       - name: orders
         match: {{path_prefix: /}}
@@ -262,3 +264,83 @@ async def test_concurrent_writes_are_delivered_in_the_order_they_were_accepted(s
     finally:
         await up.stop()
     assert [g["headers"]["idempotency-key"] for g in recorder.got] == order
+
+
+class Deliveries:
+    """A telemetry sink beside the real ones: the records of the queue's delivery attempts."""
+
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+
+    def decision(self, record) -> None:
+        pass
+
+    def request_finished(self, record: RequestRecord) -> None:
+        if record.listener == "queue":
+            self.records.append(record)
+
+
+def keyed(key: str):
+    """A replica that takes only its own API key (401 otherwise) and keeps what it took."""
+    async def handler(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {key}":
+            return web.Response(status=401)
+        return web.Response(status=201)
+    return handler
+
+
+async def test_a_balanced_upstreams_writes_go_to_an_endpoint_with_its_own_key(sidecar_factory, port, tmp_path):
+    a, b = Upstream(keyed("key-a")), Upstream(keyed("key-b"))     # both down while the writes come in
+    upstream = (f'{{balance: round-robin, endpoints: ['
+                f'{{url: "{a.url}", headers: {{Authorization: "Bearer key-a"}}}}, '
+                f'{{url: "{b.url}", headers: {{Authorization: "Bearer key-b"}}}}]}}')
+    sc = await sidecar_factory(policy(port, None, tmp_path, upstream=upstream,
+                                      breaker="{consecutive_failures: 50}"))
+    deliveries = Deliveries()
+    sc.runtime.sink.sinks.append(deliveries)
+    keys = []
+    for n in range(4):
+        status, _, body = await post(port, n)
+        assert status == 202, body
+        keys.append(json.loads(body)["idempotency_key"])
+    await a.start()
+    await b.start()
+    try:
+        await until(lambda: sc.runtime.queue.stats()["depth"] == 0)
+    finally:
+        await a.stop()
+        await b.stop()
+    # round-robin: two writes each, every one with that replica's own key (none refused with a 401)
+    for replica, key in ((a, "key-a"), (b, "key-b")):
+        assert [r["headers"].get("Authorization") for r in replica.requests] == [f"Bearer {key}"] * 2
+    got = sorted(r["headers"]["Idempotency-Key"] for r in a.requests + b.requests)
+    assert got == sorted(keys)
+    delivered = [d["reason"] for d in sc.hub.recent if d["decision"] == "queue_delivered"]
+    assert len(delivered) == 4 and all("delivered (201)" in r for r in delivered)
+    # each delivery's try names its endpoint and that endpoint's address
+    by_port = {a.port: f"127.0.0.1:{a.port}", b.port: f"127.0.0.1:{b.port}"}
+    tries = [t for rec in deliveries.records for t in rec.tries if t.status == 201]
+    assert len(tries) == 4
+    assert all(t.server_address == "127.0.0.1" and t.endpoint == by_port[t.server_port] for t in tries)
+    assert {t.server_port for t in tries} == {a.port, b.port}
+
+
+async def test_a_dead_first_endpoint_does_not_hold_the_queue(sidecar_factory, port, tmp_path):
+    recorder = Recorder()
+    alive = Upstream(recorder)                       # down while the writes come in, then up for good
+    dead = f"http://127.0.0.1:{free_port()}"         # nothing ever listens there
+    upstream = f'{{endpoints: [{{url: "{dead}"}}, {{url: "{alive.url}"}}]}}'
+    sc = await sidecar_factory(policy(port, None, tmp_path, upstream=upstream))
+    keys = []
+    for n in range(3):
+        status, _, body = await post(port, n)
+        assert status == 202, body
+        keys.append(json.loads(body)["idempotency_key"])
+    await alive.start()
+    try:
+        await until(lambda: sc.runtime.queue.stats()["depth"] == 0)
+    finally:
+        await alive.stop()
+    assert [g["body"]["n"] for g in recorder.got] == [0, 1, 2]
+    assert [g["headers"]["idempotency-key"] for g in recorder.got] == keys
+    assert sc.runtime.queue.stats()["by_route"]["orders"]["delivered"] == 3
