@@ -277,9 +277,8 @@ async def _send_reply(request: web.BaseRequest, reply: Reply) -> web.StreamRespo
     if reply.body is not None:
         resp.content_length = len(reply.body)
         await resp.prepare(request)
-        if reply.body and request.method != "HEAD":
-            await resp.write(reply.body)
-        await resp.write_eof()
+        # The head, the whole body and the answer's end in one call (and one send()).
+        await resp.write_eof(reply.body if request.method != "HEAD" else b"")
         return resp
     await resp.prepare(request)
     async for chunk in reply.stream:
