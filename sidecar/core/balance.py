@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence, TypeVar
 
 Balance = Literal["ewma", "least-request", "round-robin", "random"]
 BALANCERS: tuple[Balance, ...] = ("ewma", "least-request", "round-robin", "random")
@@ -61,6 +61,9 @@ class Candidate(Protocol):
     ewma: PeakEwma
 
 
+C = TypeVar("C", bound=Candidate)             # what a balancer is given is what it returns
+
+
 def ewma_cost(ep: Candidate, now: float) -> float:
     return ep.ewma.estimate(now) * (ep.in_flight + 1)
 
@@ -69,7 +72,7 @@ def least_request_cost(ep: Candidate, now: float) -> float:
     return float(ep.in_flight + 1)
 
 
-def weighted_random(cands: Sequence[Candidate], rng: random.Random) -> Candidate:
+def weighted_random(cands: Sequence[C], rng: random.Random) -> C:
     total = 0
     for ep in cands:
         total += ep.weight
@@ -81,7 +84,7 @@ def weighted_random(cands: Sequence[Candidate], rng: random.Random) -> Candidate
     return cands[-1]                          # float rounding at the very top of the range
 
 
-def _by_share(cands: Sequence[Candidate], shares: Sequence[float], rng: random.Random) -> Candidate:
+def _by_share(cands: Sequence[C], shares: Sequence[float], rng: random.Random) -> C:
     total = sum(shares)
     if not total > 0:
         return cands[0]
@@ -93,8 +96,8 @@ def _by_share(cands: Sequence[Candidate], shares: Sequence[float], rng: random.R
     return cands[-1]
 
 
-def p2c(cands: Sequence[Candidate], rng: random.Random, now: float,
-        cost: Callable[[Candidate, float], float], uniform: bool | None = None) -> Candidate:
+def p2c(cands: Sequence[C], rng: random.Random, now: float,
+        cost: Callable[[Candidate, float], float], uniform: bool | None = None) -> C:
     """Power of two choices over `cost(ep, now)`; weighted by weight / cost when weights differ.
     `uniform`: the caller knows whether every weight is equal (else it is looked at here)."""
     n = len(cands)
@@ -124,10 +127,10 @@ class RoundRobin:
     def __init__(self) -> None:
         self._current: dict[str, float] = {}
 
-    def pick(self, cands: Sequence[Candidate]) -> Candidate:
+    def pick(self, cands: Sequence[C]) -> C:
         current = self._current
         total = 0
-        best: Candidate | None = None
+        best: C | None = None
         best_value = -math.inf
         for ep in cands:
             total += ep.weight
@@ -155,13 +158,25 @@ class Balancer:
         self.kind = kind
         self._rr = RoundRobin() if kind == "round-robin" else None
 
-    def pick(self, cands: Sequence[Candidate], rng: random.Random, now: float,
-             uniform: bool | None = None) -> Candidate:
+    def pick(self, cands: Sequence[C], rng: random.Random, now: float,
+             uniform: bool | None = None) -> C:
         """`uniform`: every candidate's weight is the same (None: look)."""
-        if len(cands) == 1:
+        n = len(cands)
+        if n == 1:
             return cands[0]
         kind = self.kind
         if kind == "ewma":
+            if uniform:                       # the common case, inlined: p2c over ewma_cost
+                i = int(rng.random() * n)
+                j = int(rng.random() * (n - 1))
+                if j >= i:
+                    j += 1
+                a, b = cands[i], cands[j]
+                ea, eb = a.ewma, b.ewma
+                # ewma_cost(a) and ewma_cost(b), the same arithmetic in the same order
+                cost_a = ea.rtt if now <= ea.at else ea.rtt * math.exp(-(now - ea.at) / DECAY)
+                cost_b = eb.rtt if now <= eb.at else eb.rtt * math.exp(-(now - eb.at) / DECAY)
+                return b if cost_b * (b.in_flight + 1) < cost_a * (a.in_flight + 1) else a
             return p2c(cands, rng, now, ewma_cost, uniform)
         if kind == "least-request":
             return p2c(cands, rng, now, least_request_cost, uniform)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Collection, NamedTuple, Sequence, cast
+from typing import Collection, NamedTuple, Sequence
 
 from sidecar.core.balance import Balance, Balancer, PeakEwma
 from sidecar.core.decisions import Decision
@@ -78,6 +78,12 @@ class EndpointSet:
         self.endpoints: list[EndpointState] = []
         self._by_key: dict[str, EndpointState] = {}
         self._uniform = True                   # every weight equal: the balancers' cheaper draw
+        # The steady state, kept up to date so that a first try need not look at every endpoint:
+        # `_calm` -- every endpoint healthy and not ejected, as last seen (an ejection or a failed
+        # check clears it; `pick` sets it again once all are back); `_cool_until` -- the latest
+        # end of a cooldown (monotonic).
+        self._calm = False
+        self._cool_until = 0.0
 
     # -- membership ----------------------------------------------------------------------------------
     def configure(self, balance: Balance, outlier: OutlierPolicy | None) -> None:
@@ -103,6 +109,7 @@ class EndpointSet:
         self._by_key = fresh
         self.endpoints = list(fresh.values())
         self._uniform = len({ep.weight for ep in self.endpoints}) <= 1
+        self._settle()
         self.balancer.forget(set(fresh))
         return added, removed
 
@@ -128,6 +135,7 @@ class EndpointSet:
             if ep.healthy and ep.outlier.ejected_until is None:
                 usable.append(ep)
         out = len(eps) - len(usable)
+        self._calm = out == 0 and bool(eps)
         panic = out > 0 and (not usable or out > ejection_cap(len(eps), self.outlier))
         pool = eps if panic else usable
         if not usable:
@@ -142,19 +150,21 @@ class EndpointSet:
             untried = [ep for ep in ready if ep.key not in tried]
             if untried:
                 ready = untried
-        ep = cast(EndpointState, self.balancer.pick(ready, rng, now, self._uniform))   # one of `ready`
+        ep = self.balancer.pick(ready, rng, now, self._uniform)
         return Pick(ep, panic, not usable, restored, None)
 
     def pick_steady(self, now: float, rng: random.Random) -> EndpointState | None:
         """The steady state's pick, for a first try: every endpoint in rotation and ready. None when
         any is out or cooling down (then `pick` decides, with panic, restores and cooldowns)."""
-        eps = self.endpoints
-        for ep in eps:
-            if not ep.healthy or ep.outlier.ejected_until is not None or ep.cooldown_until > now:
-                return None
-        if not eps:
+        if not self._calm or now < self._cool_until:
             return None
-        return cast(EndpointState, self.balancer.pick(eps, rng, now, self._uniform))
+        return self.balancer.pick(self.endpoints, rng, now, self._uniform)
+
+    def _settle(self) -> None:
+        """Look at every endpoint again: is the set calm, and until when does a cooldown last?"""
+        eps = self.endpoints
+        self._calm = bool(eps) and all(ep.healthy and ep.outlier.ejected_until is None for ep in eps)
+        self._cool_until = max((ep.cooldown_until for ep in eps), default=0.0)
 
     def start(self, ep: EndpointState) -> None:
         ep.in_flight += 1
@@ -182,6 +192,7 @@ class EndpointSet:
         duration = ep.outlier.failure(self.outlier, now)
         if duration is None:
             return None
+        self._calm = False
         return EndpointEvent(Decision.ENDPOINT_EJECTED, ep.key,
                              f"{self.outlier.consecutive_failures} consecutive failures; ejected for {duration:g}s")
 
@@ -208,6 +219,7 @@ class EndpointSet:
         """A 429 with Retry-After: this endpoint alone takes no request for that long."""
         seconds = min(max(0.0, seconds), MAX_COOLDOWN)
         ep.cooldown_until = max(ep.cooldown_until, now + seconds)
+        self._cool_until = max(self._cool_until, ep.cooldown_until)
         return EndpointEvent(Decision.ENDPOINT_COOLDOWN, ep.key, f"429 with Retry-After {seconds:g}s")
 
     def others_ready(self, ep: EndpointState, now: float) -> bool:
@@ -228,6 +240,7 @@ class EndpointSet:
         if ep is None:
             return False
         ep.healthy = healthy
+        self._settle()
         return True
 
     # -- for /status and metrics ---------------------------------------------------------------------

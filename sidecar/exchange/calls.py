@@ -25,8 +25,37 @@ def redact_url(url: URL) -> str:
     return str(url)
 
 
+# Parsed URLs by their text: an app calls the same few paths over and over, and parsing one costs more
+# than the rest of building its request. URLs are immutable, so one object serves every request.
+URL_CACHE_SIZE = 1024
+URL_CACHE_TEXT = 2048                   # longer texts are parsed each time
+_urls: dict[str, URL] = {}
+
+
+def url_of(text: str) -> URL:
+    """`URL(text, encoded=True)`, parsed once per distinct text while the cache holds it (it is emptied
+    when full: unique query strings cost a parse each, as without it, and never grow memory)."""
+    url = _urls.get(text)
+    if url is None:
+        url = URL(text, encoded=True)
+        if len(text) > URL_CACHE_TEXT:        # a huge one-off (a long query string): not kept
+            return url
+        if len(_urls) >= URL_CACHE_SIZE:
+            _urls.clear()
+        _urls[text] = url
+    return url
+
+
+def record_url(url: URL) -> str | URL:
+    """What a request's or a try's record keeps of its URL: the URL itself when it carries no
+    credentials (its text is made only for a span that is exported), else its text without them."""
+    if url.raw_user is None and url.raw_password is None:
+        return url
+    return redact_url(url)
+
+
 def upstream_url(up: Upstream, path_qs: str) -> URL:
-    return URL(f"{up.origin}{up.base_path}{path_qs}", encoded=True)
+    return url_of(f"{up.origin}{up.base_path}{path_qs}")
 
 
 def host_header(up: Upstream) -> str:
@@ -47,7 +76,7 @@ def make_call(ex: Exchange, upstream: Upstream | None, *, headers: CIMultiDict[s
         dest = ex.url.raw_authority
         if ex.connect_to is not None:        # the Host header (kept in `headers`) is not re-resolved
             dest = authority(*ex.connect_to)
-        url = URL(f"{ex.url.scheme}://{dest}{path_qs}", encoded=True)
+        url = url_of(f"{ex.url.scheme}://{dest}{path_qs}")
         name = authority(ex.url.host or "", ex.url.port)
         hostname = None
     else:
@@ -58,4 +87,5 @@ def make_call(ex: Exchange, upstream: Upstream | None, *, headers: CIMultiDict[s
         name = upstream.name
         hostname = upstream.tls.server_name
     return Call(upstream=upstream, name=name, method=ex.method, url=url, headers=headers,
-                body=body or ex.body, server_hostname=hostname, fallback_target=fallback_target)
+                body=body or ex.body, server_hostname=hostname, fallback_target=fallback_target,
+                path_qs=path_qs)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+from yarl import URL
+
 from sidecar.exchange.context import Context
 from sidecar.telemetry.records import RequestRecord, TryRecord
 from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
@@ -17,7 +19,7 @@ from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
 TraceParent = tuple[str, "str | None", bool]
 
 
-def request_record(ctx: Context, *, route: str, listener: str, method: str, url: str,
+def request_record(ctx: Context, *, route: str, listener: str, method: str, url: str | URL,
                    parent: TraceParent | None = None, tracestate: str | None = None,
                    upstream: str | None = None, tries: list[TryRecord] | None = None,
                    start_ns: int | None = None) -> RequestRecord:

@@ -55,6 +55,7 @@ class Call:
     body: "RequestBody"
     server_hostname: str | None = None
     fallback_target: str | None = None     # label of the fallback target, for traces
+    path_qs: str = "/"                     # path and query below the target's base path (`url`'s)
     tries: int = 0                         # tries sent to this target so far (resend count)
     # A balanced upstream (pipeline/balance.py): each try goes to one endpoint, and the target's Call
     # remembers which endpoints this request tried (Envoy's previous_hosts).

@@ -38,9 +38,9 @@ async def first_answer(ex: Exchange, group: Group) -> None:
 
 
 def choose(ex: Exchange, call: Call, up: Upstream, eset: EndpointSet
-           ) -> tuple[EndpointState, EndpointTarget, URL, CIMultiDict[str]]:
-    """This try's endpoint, where it goes and the headers it carries; the endpoint is in flight from here
-    until `answered` or `failed`."""
+           ) -> tuple[EndpointState, EndpointTarget, URL, CIMultiDict[str], float]:
+    """This try's endpoint, where it goes, the headers it carries, and when it started (the clock's
+    monotonic time); the endpoint is in flight from here until `answered` or `failed`."""
     if not eset.endpoints:
         raise UpstreamFailure(Outcome.CONNECT_FAILURE, f"no endpoints known for {up.name} (DNS gave none yet)")
     ctx = ex.ctx
@@ -58,7 +58,7 @@ def choose(ex: Exchange, call: Call, up: Upstream, eset: EndpointSet
     else:
         tried.add(ep.key)
     eset.start(ep)
-    return ep, target, target.url(call.url.raw_path_qs[len(up.base_path):] or "/"), headers
+    return ep, target, target.url(call.path_qs), headers, now
 
 
 def failed(ex: Exchange, up: str, eset: EndpointSet, ep: EndpointState, started: float,
@@ -78,6 +78,9 @@ def answered(ex: Exchange, up: str, eset: EndpointSet, ep: EndpointState, starte
     now = clock.monotonic()
     status = reply.status
     reply.endpoint = ep.key
+    if status < 429 and reply.stream is None:
+        eset.finish(ep, True, now - started, now)          # a whole, good answer: nothing to report
+        return
     # A streamed answer (SSE, a long download) stays in flight for least-request and EWMA until its
     # body ends; the latency sample is the time to its head, as tower's PeakEwma takes it.
     streamed = reply.stream is not None

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.grpc_rules import format_timeout, is_grpc
-from sidecar.exchange.calls import MIN_READ_IDLE, redact_url
+from sidecar.exchange.calls import MIN_READ_IDLE, record_url
 from sidecar.exchange.headers import end_to_end
 from sidecar.exchange.types import Call, Exchange, Reply
 from sidecar.llm.usage import AnswerScanner, LlmCall, request_shape, scan_body
@@ -41,10 +41,9 @@ async def send(ex: Exchange, call: Call) -> Reply:
             eset = group.set
             if not eset.endpoints:
                 await balance.first_answer(ex, group)
-            ep, target, url, headers = balance.choose(ex, call, up, eset)
+            ep, target, url, headers, started = balance.choose(ex, call, up, eset)
             hostname = target.server_hostname
-            started = ex.ctx.clock.monotonic()
-    rec = TryRecord(span_id=new_span_id(), upstream=call.name, method=call.method, url=redact_url(url),
+    rec = TryRecord(span_id=new_span_id(), upstream=call.name, method=call.method, url=record_url(url),
                     server_address=url.host or "", server_port=url.port or 0, start_ns=time.time_ns(),
                     resend_count=call.tries, fallback_target=call.fallback_target,
                     endpoint=None if ep is None else ep.key)

@@ -142,16 +142,15 @@ class Upstream:
     resolver: tuple[str, ...] = ()       # DNS servers ("ip" or "ip:port"); empty: the system's
     balance: Balance = "ewma"
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
+    # Derived once here, read per request: "scheme://host:port", and whether tries are balanced --
+    # listed endpoints (even one: its own headers apply) or as many as DNS says. A plain `url` takes
+    # the single-endpoint path, with no balancing cost.
+    origin: str = field(init=False, repr=False, compare=False)
+    balanced: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def origin(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-    @property
-    def balanced(self) -> bool:
-        """Listed endpoints (even one: its own headers apply) or as many as DNS says: balanced per
-        request. A plain `url` takes the single-endpoint path, with no balancing cost."""
-        return self.discovery == "dns" or bool(self.endpoints)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "origin", f"{self.scheme}://{self.host}:{self.port}")
+        object.__setattr__(self, "balanced", self.discovery == "dns" or bool(self.endpoints))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from sidecar.core.decisions import Decision
 from sidecar.aiohttp_private import new_response
 from sidecar.grpc_rules import parse_timeout
 from sidecar.exchange.body import read_body
-from sidecar.exchange.calls import make_call, redact_url
+from sidecar.exchange.calls import make_call, record_url, url_of
 from sidecar.exchange.context import Context
 from sidecar.exchange.headers import end_to_end
 from sidecar.exchange.records import request_record
@@ -115,7 +115,7 @@ class ListenerHandler:
         path_qs = _origin_form(request.raw_path)
         if mode == "reverse":
             up = gen.policy.upstreams[self.listener.upstream]
-            return URL(f"{up.origin}{path_qs}", encoded=True), up.name, None
+            return url_of(f"{up.origin}{path_qs}"), up.name, None
         dst = original_destination(request.transport)
         if dst is None:
             return json_error(502, "original destination unavailable (not redirected by iptables?)", None, [])
@@ -306,6 +306,6 @@ def _abort(request: web.BaseRequest) -> None:
 
 
 def _record(gen: Context, request: web.BaseRequest, route: str, listener: str, url: URL) -> RequestRecord:
-    return request_record(gen, route=route, listener=listener, method=request.method, url=redact_url(url),
+    return request_record(gen, route=route, listener=listener, method=request.method, url=record_url(url),
                           parent=parse_traceparent(request.headers.get("traceparent", "")),
                           tracestate=request.headers.get("tracestate"))

@@ -147,8 +147,12 @@ class Metrics:
             tkey = (route, upstream, code)
             hot.tries[tkey] = hot.tries.get(tkey, 0) + 1
             if t.endpoint is not None:
-                ekey = (upstream, self._endpoint(t.upstream, t.endpoint), code)
-                hot.endpoint_tries[ekey] = hot.endpoint_tries.get(ekey, 0) + 1
+                ekey = (upstream, t.endpoint, code)
+                n = hot.endpoint_tries.get(ekey)
+                if n is None:                       # a new series, or one capped to "other"
+                    ekey = (upstream, self._endpoint(t.upstream, t.endpoint), code)
+                    n = hot.endpoint_tries.get(ekey, 0)
+                hot.endpoint_tries[ekey] = n + 1
             if t.end_ns:
                 hkey = (route, upstream)
                 hist = hot.try_durations.get(hkey)

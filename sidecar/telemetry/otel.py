@@ -46,7 +46,7 @@ from sidecar.telemetry.export import _gate, _GuardedExporter, _install_gate
 from sidecar.telemetry.otelconfig import (
     Sampler, _make_exporter, _resource, make_sampler, resolve_target, sampler_from_env,
 )
-from sidecar.telemetry.records import RequestRecord, TryRecord
+from sidecar.telemetry.records import RequestRecord, TryRecord, url_text
 from sidecar.telemetry.redact import redact
 from sidecar.telemetry.tracecontext import new_span_id, new_trace_id
 
@@ -254,7 +254,7 @@ class OtelSink:
 
         attrs: dict = {
             "http.request.method": r.method,
-            "url.full": _scrubbed(r.url),
+            "url.full": _scrubbed(url_text(r.url)),
             "sidecar.route": r.route,
             "sidecar.listener": r.listener,
             "sidecar.policy.version": r.policy_version,
@@ -271,7 +271,7 @@ class OtelSink:
         status = _OK
         error_type = r.error_type or (str(r.status) if r.status >= 500 else None)
         if r.grpc_status is not None:
-            error_type = error_type or _rpc_attributes(attrs, r.url, r.grpc_status)
+            error_type = error_type or _rpc_attributes(attrs, url_text(r.url), r.grpc_status)
         if error_type is not None:
             attrs["error.type"] = error_type
             status = _error(error_type)
@@ -304,7 +304,7 @@ class OtelSink:
     def _try_span(self, t: TryRecord, trace_id: int, parent: SpanContext, fallback_end: int) -> ReadableSpan:
         attrs: dict = {
             "http.request.method": t.method,
-            "url.full": _scrubbed(t.url),
+            "url.full": _scrubbed(url_text(t.url)),
             "server.address": t.server_address,
             "server.port": t.server_port,
             "sidecar.upstream": t.upstream,
@@ -322,7 +322,7 @@ class OtelSink:
         status = _OK
         error_type = t.error_type or (str(t.status) if t.status is not None and t.status >= 400 else None)
         if t.grpc_status is not None:
-            error_type = error_type or _rpc_attributes(attrs, t.url, t.grpc_status)
+            error_type = error_type or _rpc_attributes(attrs, url_text(t.url), t.grpc_status)
         if error_type is not None:
             attrs["error.type"] = error_type
             status = _error(error_type)

@@ -10,10 +10,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from yarl import URL
+
 from sidecar.core.decisions import DecisionRecord
 
 if TYPE_CHECKING:
     from sidecar.telemetry.genai import LlmCall
+
+
+def url_text(url: str | URL) -> str:
+    """A record's URL as traces show it. A record keeps a URL object only when it carries no
+    credentials (exchange/calls.py's `record_url`), so that only an exported span pays for the text;
+    userinfo is dropped here all the same."""
+    if isinstance(url, str):
+        return url
+    if url.raw_user is not None or url.raw_password is not None:
+        url = url.with_user(None)
+    return str(url)
 
 
 @dataclass(slots=True)
@@ -22,7 +35,7 @@ class TryRecord:
     span_id: str                           # 16 hex digits
     upstream: str                          # upstream name, or the original destination host:port
     method: str
-    url: str                               # full URL with credentials already redacted
+    url: str | URL                         # without credentials (`record_url`); shown by `url_text`
     server_address: str
     server_port: int
     start_ns: int
@@ -48,7 +61,7 @@ class RequestRecord:
     route: str
     upstream: str | None                   # who answered (upstream name, "cache", "static", "queue")
     method: str
-    url: str                               # redacted
+    url: str | URL                         # without credentials (`record_url`); shown by `url_text`
     listener: str
     policy_version: str
     start_ns: int

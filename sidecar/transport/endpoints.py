@@ -24,6 +24,7 @@ from sidecar.core.clock import Clock
 from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.endpoints import EndpointEvent, EndpointSet
 from sidecar.core.health import HealthState
+from sidecar.exchange.calls import url_of
 from sidecar.policy.model import TlsConfig, Upstream
 from sidecar.transport.discovery import DnsDiscovery
 from sidecar.transport.errors import UpstreamFailure
@@ -60,7 +61,7 @@ class EndpointTarget:
         return f"{self.upstream} {self.key}"
 
     def url(self, path_qs: str) -> URL:
-        return URL(f"{self.origin}{self.base_path}{path_qs}", encoded=True)
+        return url_of(f"{self.origin}{self.base_path}{path_qs}")
 
     def with_headers(self, headers: CIMultiDict[str]) -> CIMultiDict[str]:
         """`headers` as sent to this endpoint: its Host, and its own headers (an API key) on top of

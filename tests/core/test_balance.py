@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from sidecar.core.balance import DECAY, DEFAULT_RTT, Balancer, PeakEwma, RoundRobin, ewma_cost
+from sidecar.core.balance import DECAY, DEFAULT_RTT, Balancer, PeakEwma, RoundRobin, ewma_cost, p2c
 
 
 @dataclass(eq=False)
@@ -152,3 +152,18 @@ def test_slow_endpoint_share_under_ewma_with_traffic():
 def test_unknown_balancer_is_refused():
     with pytest.raises(ValueError):
         Balancer("fastest")
+
+
+def test_ewma_over_equal_weights_picks_exactly_as_p2c_over_ewma_cost():
+    """The set passes `uniform=True` and the ewma balancer takes an inlined path: it must pick what
+    p2c over `ewma_cost` picks, draw for draw, whatever the latencies, ages and loads."""
+    state = random.Random(5)
+    cands = eps(1, 1, 1, 1)
+    bal = Balancer("ewma")
+    rng, ref = random.Random(9), random.Random(9)
+    for step in range(5000):
+        now = step * 0.05
+        for ep in cands:                     # estimates of any age, in flight 0-3
+            ep.ewma = PeakEwma(now - state.choice((0.0, 0.5, 30.0, -1.0)), state.uniform(0.001, 0.2))
+            ep.in_flight = state.randrange(4)
+        assert bal.pick(cands, rng, now, True) is p2c(cands, ref, now, ewma_cost, True)

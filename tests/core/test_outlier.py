@@ -234,3 +234,25 @@ def test_a_streamed_answer_stays_in_flight_until_its_body_ends():
     assert a.in_flight == 0
     s.done(a)
     assert a.in_flight == 0
+
+
+def test_the_steady_pick_steps_aside_while_any_endpoint_is_out_and_returns_when_all_are_back():
+    """`pick_steady` (a first try's shortcut) answers only while every endpoint is in rotation and
+    ready; an ejection, a failed check or a cooldown hands the pick to `pick`, and the shortcut comes
+    back once `pick` has seen the set whole again."""
+    s, clock, rng = make_set()
+    assert s.pick_steady(clock.monotonic(), rng) is not None
+    run(s, clock, rng, {"10.0.0.2:80"}, 30)                       # 10.0.0.2 ejected for 10 s
+    assert s.pick_steady(clock.monotonic(), rng) is None
+    clock.advance(10.0)
+    assert s.pick_steady(clock.monotonic(), rng) is None           # not restored until a pick looks
+    assert [e.decision for e in s.pick(clock.monotonic(), rng).restored] == [Decision.ENDPOINT_RESTORED]
+    assert s.pick_steady(clock.monotonic(), rng) is not None
+    s.set_health("10.0.0.3:80", False)
+    assert s.pick_steady(clock.monotonic(), rng) is None
+    s.set_health("10.0.0.3:80", True)
+    assert s.pick_steady(clock.monotonic(), rng) is not None
+    s.cool_down(s.get("10.0.0.1:80"), 2.0, clock.monotonic())
+    assert s.pick_steady(clock.monotonic(), rng) is None
+    clock.advance(2.0)
+    assert s.pick_steady(clock.monotonic(), rng) is not None
