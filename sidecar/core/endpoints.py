@@ -32,6 +32,15 @@ from sidecar.policy.model import OutlierPolicy
 DEFAULT_OUTLIER = OutlierPolicy()
 MAX_COOLDOWN = 3600.0          # a Retry-After longer than an hour is not taken at its word
 
+# Why a pick left the steady state: the reasons of the decisions it makes (a live try's and a queued
+# delivery's alike).
+ALL_UNHEALTHY = "every endpoint fails its active health check"
+NONE_USABLE = "every endpoint is ejected or failing its health check"
+
+
+def cooling_reason(wait: float) -> str:
+    return f"every endpoint is cooling down for another {wait:.1f}s"
+
 
 @dataclass(eq=False, slots=True)
 class EndpointState:
@@ -165,6 +174,9 @@ class EndpointSet:
         eps = self.endpoints
         self._calm = bool(eps) and all(ep.healthy and ep.outlier.ejected_until is None for ep in eps)
         self._cool_until = max((ep.cooldown_until for ep in eps), default=0.0)
+
+    def panic_reason(self) -> str:
+        return f"more than {self.outlier.max_ejected:g}% of {len(self)} endpoints out: balancing over all"
 
     def start(self, ep: EndpointState) -> None:
         ep.in_flight += 1

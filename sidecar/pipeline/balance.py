@@ -10,31 +10,20 @@ failed from the reply's `endpoint` or the failure's, and leaves one bad endpoint
 """
 from __future__ import annotations
 
-import asyncio
 from typing import cast
 
 from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.core.decisions import Decision
-from sidecar.core.endpoints import EndpointEvent, EndpointSet, EndpointState
+from sidecar.core.endpoints import (ALL_UNHEALTHY, NONE_USABLE, EndpointEvent, EndpointSet, EndpointState,
+                                    cooling_reason)
 from sidecar.core.retry import parse_retry_after
 from sidecar.exchange.types import Call, Degraded, Exchange, Reply
 from sidecar.policy.conditions import Outcome
 from sidecar.policy.model import Upstream
-from sidecar.transport.endpoints import EndpointTarget, Group
+from sidecar.transport.endpoints import EndpointTarget
 from sidecar.transport.errors import UpstreamFailure
-
-
-async def first_answer(ex: Exchange, group: Group) -> None:
-    """A just-started sidecar with DNS discovery: wait (within the request's time) for DNS's first answer."""
-    if group.set.endpoints or group.discovery is None or group.discovery.resolved.is_set():
-        return
-    try:
-        async with asyncio.timeout(max(0.0, ex.remaining())):
-            await group.discovery.resolved.wait()
-    except TimeoutError:
-        pass
 
 
 def choose(ex: Exchange, call: Call, up: Upstream, eset: EndpointSet
@@ -105,24 +94,19 @@ def _pick(ex: Exchange, up: Upstream, eset: EndpointSet, tried: set[str] | None,
     for event in pick.restored:
         ctx.endpoints.background(up.name, event, ex.record.policy_version)
     if pick.all_unhealthy:
-        ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint fails its active health check",
-                  upstream=up.name, breaker_state="open")
+        ex.decide(Decision.UPSTREAM_UNHEALTHY, ALL_UNHEALTHY, upstream=up.name, breaker_state="open")
         if ex.enforce:
             raise Degraded(Outcome.UPSTREAM_UNHEALTHY, f"every endpoint of {up.name} is unhealthy",
                            upstream=up.name)
         pick = eset.pick(now, ctx.rng, tried or (), ignore_health=True)   # shadow: as if no policy
     if pick.none_usable:
-        ex.decide(Decision.UPSTREAM_UNHEALTHY, "every endpoint is ejected or failing its health check",
-                  upstream=up.name)
+        ex.decide(Decision.UPSTREAM_UNHEALTHY, NONE_USABLE, upstream=up.name)
     if pick.panic:
-        ex.decide(Decision.BALANCER_PANIC,
-                  f"more than {up.outlier.max_ejected:g}% of {len(eset)} endpoints out: balancing over all",
-                  upstream=up.name)
+        ex.decide(Decision.BALANCER_PANIC, eset.panic_reason(), upstream=up.name)
     ep = pick.endpoint
     if ep is None:
         wait = max(0.001, (pick.cooled_until or now) - now)
-        ex.decide(Decision.ENDPOINT_COOLDOWN, f"every endpoint is cooling down for another {wait:.1f}s",
-                  upstream=up.name)
+        ex.decide(Decision.ENDPOINT_COOLDOWN, cooling_reason(wait), upstream=up.name)
         raise Degraded(Outcome.RATE_LIMITED, f"every endpoint of {up.name} is rate limited", status=429,
                        retry_after=wait, upstream=up.name)
     return ep

@@ -40,7 +40,7 @@ async def send(ex: Exchange, call: Call) -> Reply:
         if group is not None:                    # pipeline/balance.py: this try's endpoint
             eset = group.set
             if not eset.endpoints:
-                await balance.first_answer(ex, group)
+                await group.first_answer(ex.remaining())   # a just-started sidecar: DNS's first answer
             ep, target, url, headers, started = balance.choose(ex, call, up, eset)
             hostname = target.server_hostname
     rec = TryRecord(span_id=new_span_id(), upstream=call.name, method=call.method, url=record_url(url),

@@ -20,12 +20,14 @@ from yarl import URL
 from typing import NamedTuple, cast
 
 from sidecar.core.breaker import CircuitBreaker, Transition, transition_decision
-from sidecar.core.decisions import DecisionRecord
-from sidecar.core.endpoints import EndpointEvent, EndpointSet, EndpointState
+from sidecar.core.decisions import Decision, DecisionRecord
+from sidecar.core.endpoints import (ALL_UNHEALTHY, NONE_USABLE, EndpointEvent, EndpointSet, EndpointState,
+                                    cooling_reason)
 from sidecar.core.retry import parse_retry_after
 from sidecar.exchange.calls import MIN_READ_IDLE, host_header, redact_url, upstream_url
 from sidecar.exchange.context import Context, Target
 from sidecar.exchange.records import request_record
+from sidecar.exchange.types import record_decision
 from sidecar.policy.conditions import Outcome as Condition
 from sidecar.policy.model import Policy, Route, Upstream
 from sidecar.queue.store import Item
@@ -129,22 +131,35 @@ class Unsent(NamedTuple):
     wait: float | None = None
 
 
-def choose(ctx: Context, up: Upstream, eset: EndpointSet) -> EndpointState | Unsent:
-    """This attempt's endpoint, as `EndpointSet.pick` gives it for a first try (no Exchange here:
-    ejections that ended go out as background decisions, the rest is the attempt's outcome)."""
+# A decision the pick made for this attempt, recorded on the attempt's record (its span) as the live
+# path records it on the request's: (decision, reason, breaker state or None).
+Note = tuple[Decision, str, str | None]
+
+
+def choose(ctx: Context, up: Upstream, eset: EndpointSet) -> tuple[EndpointState | Unsent, list[Note]]:
+    """This attempt's endpoint, as `EndpointSet.pick` gives it for a first try, and the decisions the
+    pick made (panic, every endpoint out, every endpoint cooling down) -- the live path's, from
+    pipeline/balance.py. Ejections that ended go out as background decisions."""
     if not eset.endpoints:
-        return Unsent(Condition.CONNECT_FAILURE, f"no endpoints known for {up.name} (DNS gave none yet)")
+        return Unsent(Condition.CONNECT_FAILURE, f"no endpoints known for {up.name} (DNS gave none yet)"), []
     now = ctx.clock.monotonic()
     pick = eset.pick(now, ctx.rng)
     for event in pick.restored:
         ctx.endpoints.background(up.name, event, ctx.policy.digest)
     if pick.all_unhealthy:
-        return Unsent(Condition.UPSTREAM_UNHEALTHY, f"every endpoint of {up.name} fails its health check")
+        return (Unsent(Condition.UPSTREAM_UNHEALTHY, f"every endpoint of {up.name} fails its health check"),
+                [(Decision.UPSTREAM_UNHEALTHY, ALL_UNHEALTHY, "open")])
+    notes: list[Note] = []
+    if pick.none_usable:
+        notes.append((Decision.UPSTREAM_UNHEALTHY, NONE_USABLE, None))
+    if pick.panic:
+        notes.append((Decision.BALANCER_PANIC, eset.panic_reason(), None))
     if pick.endpoint is None:
         wait = max(0.001, (pick.cooled_until or now) - now)
-        return Unsent(Condition.RATE_LIMITED,
-                      f"every endpoint of {up.name} is cooling down for another {wait:.1f}s", wait)
-    return pick.endpoint
+        notes.append((Decision.ENDPOINT_COOLDOWN, cooling_reason(wait), None))
+        return (Unsent(Condition.RATE_LIMITED,
+                       f"every endpoint of {up.name} is cooling down for another {wait:.1f}s", wait), notes)
+    return pick.endpoint, notes
 
 
 async def attempt(ctx: Context, item: Item, request: Request, route: Route | None,
@@ -160,11 +175,14 @@ async def attempt(ctx: Context, item: Item, request: Request, route: Route | Non
     group = ctx.endpoints.get(up.name) if up is not None and up.balanced else None
     eset: EndpointSet | None = None
     ep: EndpointState | None = None
+    notes: list[Note] = []
     if group is not None:
         eset = group.set
-        chosen = choose(ctx, cast(Upstream, up), eset)
+        if not eset.endpoints:
+            await group.first_answer(timeout)    # a just-started sidecar: DNS's first answer
+        chosen, notes = choose(ctx, cast(Upstream, up), eset)
         if isinstance(chosen, Unsent):
-            return _unsent(ctx, item, url, chosen)
+            return _unsent(ctx, item, url, chosen, notes)
         ep = chosen
         ept = cast(EndpointTarget, ep.target)    # opaque to core; transport/endpoints.py builds every set
         target, url, hostname = ept, ept.url(item.path), ept.server_hostname
@@ -177,6 +195,7 @@ async def attempt(ctx: Context, item: Item, request: Request, route: Route | Non
                             parent=(item.trace_id or new_trace_id(), item.span_id, True),
                             upstream=item.target, tries=[try_rec], start_ns=try_rec.start_ns)
     record.attempts = 1
+    _note(ctx, record, item.target, notes)
     headers["traceparent"] = format_traceparent(record.trace_id, try_rec.span_id, record.sampled)
     clock = ctx.clock
     started = clock.monotonic()
@@ -237,11 +256,19 @@ def _settle(ctx: Context, item: Item, eset: EndpointSet, ep: EndpointState, outc
     return replace(outcome, counted=eset.counts_for_breaker(ep))
 
 
-def _unsent(ctx: Context, item: Item, url: URL, unsent: Unsent) -> tuple[Outcome, RequestRecord]:
-    """An attempt with no endpoint to go to: a failed attempt that sent nothing, tried again with the
-    queue's backoff (not before a cooldown ends), and no verdict for the breaker."""
+def _unsent(ctx: Context, item: Item, url: URL, unsent: Unsent,
+            notes: list[Note]) -> tuple[Outcome, RequestRecord]:
+    """An attempt with no endpoint to go to: a failed attempt that sent nothing (its record has no
+    try; its URL is the upstream's own), tried again with the queue's backoff (not before a cooldown
+    ends), and no verdict for the breaker."""
     record = request_record(ctx, route=item.route, listener="queue", method=item.method, url=redact_url(url),
                             parent=(item.trace_id or new_trace_id(), item.span_id, True), upstream=item.target)
+    _note(ctx, record, item.target, notes)
     record.error_type = unsent.kind.value
     record.end_ns = time.time_ns()
     return Outcome(False, None, unsent.reason, unsent.wait, counted=False), record
+
+
+def _note(ctx: Context, record: RequestRecord, upstream: str, notes: list[Note]) -> None:
+    for decision, reason, breaker_state in notes:
+        record_decision(ctx.sink, record, decision, reason, upstream=upstream, breaker_state=breaker_state)

@@ -130,6 +130,18 @@ class Group:
         self.tasks: list[asyncio.Task] = []
         self.health: dict[str, HealthState] = {}
 
+    async def first_answer(self, within: float) -> None:
+        """A just-started sidecar with DNS discovery and no endpoint yet: wait up to `within` seconds
+        for DNS's first answer (or first failure), so that its first requests are not failed for it."""
+        discovery = self.discovery
+        if self.set.endpoints or discovery is None or discovery.resolved.is_set():
+            return
+        try:
+            async with asyncio.timeout(max(0.0, within)):
+                await discovery.resolved.wait()
+        except TimeoutError:
+            pass
+
 
 class EndpointRegistry:
     def __init__(self, transport, sink, clock: Clock) -> None:

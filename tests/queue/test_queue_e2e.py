@@ -344,3 +344,36 @@ async def test_a_dead_first_endpoint_does_not_hold_the_queue(sidecar_factory, po
     assert [g["body"]["n"] for g in recorder.got] == [0, 1, 2]
     assert [g["headers"]["idempotency-key"] for g in recorder.got] == keys
     assert sc.runtime.queue.stats()["by_route"]["orders"]["delivered"] == 3
+
+
+async def test_a_delivery_that_finds_every_endpoint_ejected_records_the_panic(sidecar_factory, port, tmp_path):
+    """Deliveries pick as live tries do, and say so as they do: once both replicas are ejected, the
+    next attempt balances over all of them and its record (its span) carries `upstream_unhealthy`
+    and `balancer_panic`, as a live request's would."""
+    recorder = Recorder()
+    a, b = Upstream(recorder), Upstream(recorder)          # both down while the write comes in
+    upstream = (f'{{balance: round-robin, outlier: {{consecutive_failures: 1, eject_for: 60s}}, '
+                f'endpoints: [{{url: "{a.url}"}}, {{url: "{b.url}"}}]}}')
+    sc = await sidecar_factory(policy(port, None, tmp_path, upstream=upstream,
+                                      breaker="{consecutive_failures: 50}"))
+    deliveries = Deliveries()
+    sc.runtime.sink.sinks.append(deliveries)
+    status, _, body = await post(port, 0)
+    assert status == 202, body
+    panicked = lambda: [rec for rec in deliveries.records
+                        if any(d.decision.value == "balancer_panic" for d in rec.decisions)]
+    await until(lambda: panicked())
+    await a.start()
+    await b.start()
+    try:
+        await until(lambda: sc.runtime.queue.stats()["depth"] == 0)
+    finally:
+        await a.stop()
+        await b.stop()
+    assert [g["body"]["n"] for g in recorder.got] == [0]
+    rec = panicked()[0]
+    assert [(d.decision.value, d.upstream) for d in rec.decisions] == [
+        ("upstream_unhealthy", "svc"), ("balancer_panic", "svc")]
+    assert "balancing over all" in rec.decisions[1].reason
+    assert rec.decisions[0].trace_id == rec.trace_id          # on the attempt's own span
+    assert any(d["decision"] == "balancer_panic" for d in sc.hub.recent)

@@ -87,3 +87,39 @@ async def test_aaaa_records_are_endpoints_too(dns):
     assert list(targets) == ["127.0.0.1:8080", "[::1]:8080"]
     v6 = targets["[::1]:8080"]
     assert str(v6.url("/x")) == "http://[::1]:8080/x" and v6.host_header == "orders.test:8080"
+
+
+async def test_a_just_started_group_waits_for_dns_first_answer_and_no_longer_than_told(dns):
+    """What a first request (live, or a queued delivery) waits on: right after start the set is empty
+    until DNS answers; `first_answer` returns once it has (the set filled), and a wait cut short by
+    its time returns quietly with the set still empty."""
+    from sidecar.core.clock import SYSTEM_CLOCK
+    from sidecar.transport.endpoints import EndpointRegistry
+
+    class Sink:
+        def decision(self, record):
+            pass
+
+    dns.set("orders.test", ["127.0.0.1", "127.0.0.2"])
+    registry = EndpointRegistry(transport=None, sink=Sink(), clock=SYSTEM_CLOCK)
+    registry.sync({"orders": upstream(dns)})
+    registry.start()
+    group = registry.get("orders")
+    try:
+        assert not group.set.endpoints                   # nothing known before DNS answers
+        await group.first_answer(10.0)
+        assert sorted(ep.key for ep in group.set.endpoints) == ["127.0.0.1:8080", "127.0.0.2:8080"]
+
+        dns.silence()                                    # a name nobody answers for: the wait times out
+        silent = EndpointRegistry(transport=None, sink=Sink(), clock=SYSTEM_CLOCK)
+        silent.sync({"quiet": Upstream(name="quiet", url="http://quiet.test:8080", scheme="http",
+                                       host="quiet.test", port=8080, discovery="dns", refresh=5.0,
+                                       resolver=(dns.address,))})
+        silent.start()
+        try:
+            await silent.get("quiet").first_answer(0.05)
+            assert not silent.get("quiet").set.endpoints
+        finally:
+            silent.close()
+    finally:
+        registry.close()
