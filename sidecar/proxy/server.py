@@ -105,7 +105,7 @@ class ListenerHandler:
         mode = self.listener.mode
         if mode == "proxy":
             try:                             # absolute-form: the raw request target is the URL
-                msg_url = URL(request.raw_path, encoded=True)
+                msg_url = url_of(request.raw_path)
             except ValueError:
                 msg_url = URL()
             if not msg_url.absolute or msg_url.scheme not in ("http", "https") or not msg_url.host:
@@ -124,7 +124,7 @@ class ListenerHandler:
                 else host_header.rsplit(":", 1)[0]) or bracketed(dst[0])   # no Host: the address
         authority = f"{host}:{dst[1]}"
         try:
-            return URL(f"http://{authority}{path_qs}", encoded=True), None, dst
+            return url_of(f"http://{authority}{path_qs}"), None, dst
         except ValueError:
             return json_error(400, "bad Host header", None, [])
 
