@@ -12,7 +12,9 @@ share of a request (the socket calls) is not in it, so a ratio here is not a thr
 to compare two trees, or one change, before measuring throughput in pairs (`python -m bench --pairs`).
 
 Systems: `sidecar` (the full-policy route, one endpoint), `sidecar-3ep` (the same with a
-three-endpoint upstream), `aiohttp` (the bare aiohttp proxy, bench/passthrough.py). The sidecar's code
+three-endpoint upstream), `aiohttp` (the bare aiohttp proxy, bench/passthrough.py), `sidecar-h2` (the
+full-policy route over HTTP/2: h2load speaks h2c to the reverse listener, 4 connections with 16
+streams each, and the sidecar h2c to an nginx upstream; not in the default list). The sidecar's code
 is this tree's (run from it, or put another tree first on PYTHONPATH). Needs valgrind and h2load
 (Debian's `valgrind`, `nghttp2-client`).
 """
@@ -36,6 +38,7 @@ CONNECTIONS = 8
 
 def count(system: str, requests: int, tmp: Path, upstream: int) -> float:
     """Instructions per request of `system`, counted over `requests` requests after a warm-up."""
+    h2 = system == "sidecar-h2"
     port, admin, health = free_port(), free_port(), free_port()
     out = tmp / f"callgrind.{system}"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
@@ -45,7 +48,8 @@ def count(system: str, requests: int, tmp: Path, upstream: int) -> float:
     else:
         (tmp / system).mkdir()
         policy = configs.sidecar_overhead(tmp / system, system, port, admin, health, upstream,
-                                          endpoints=3 if system == "sidecar-3ep" else 1)
+                                          endpoints=3 if system == "sidecar-3ep" else 1, cache=not h2,
+                                          protocol="h2c" if h2 else "auto")
         # -P: the code on PYTHONPATH (or installed), not whatever the working directory holds
         cmd = [*valgrind, sys.executable, "-P", "-m", "sidecar", "run", "-c", str(policy), "--log-level", "warning"]
         ready = f"http://127.0.0.1:{admin}/readyz"
@@ -53,10 +57,10 @@ def count(system: str, requests: int, tmp: Path, upstream: int) -> float:
     proc = Proc(system, cmd, port, None, tmp, ready_url=ready, env=env).start(timeout=300)
     try:
         url = f"http://127.0.0.1:{port}/small"
-        _h2load(url, WARM_UP)
+        _h2load(url, WARM_UP, h2)
         pid = str(proc.popen.pid)
         subprocess.run(["callgrind_control", "-i", "on", pid], capture_output=True, check=True)
-        _h2load(url, requests)
+        _h2load(url, requests, h2)
         subprocess.run(["callgrind_control", "-i", "off", pid], capture_output=True, check=True)
     finally:
         proc.stop()
@@ -70,9 +74,9 @@ def count(system: str, requests: int, tmp: Path, upstream: int) -> float:
     return total / requests
 
 
-def _h2load(url: str, n: int) -> None:
-    done = subprocess.run(["h2load", "--h1", "-n", str(n), "-c", str(CONNECTIONS), url],
-                          capture_output=True, text=True, check=True)
+def _h2load(url: str, n: int, h2: bool = False) -> None:
+    how = ["-c", "4", "-m", "16"] if h2 else ["--h1", "-c", str(CONNECTIONS)]
+    done = subprocess.run(["h2load", *how, "-n", str(n), url], capture_output=True, text=True, check=True)
     ok = re.search(r"(\d+) succeeded", done.stdout)
     if ok is None or int(ok.group(1)) != n:
         raise RuntimeError(f"h2load: not every request succeeded:\n{done.stdout}")
@@ -89,18 +93,25 @@ def main() -> int:
         print(f"needs {', '.join(missing)} (apt-get install valgrind nghttp2-client nginx)", file=sys.stderr)
         return 1
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in ("aiohttp", "sidecar", "sidecar-3ep")]
+    unknown = [s for s in systems if s not in ("aiohttp", "sidecar", "sidecar-3ep", "sidecar-h2")]
     if unknown:
         print(f"unknown system(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="sidecar-instructions-") as tmp_name:
         tmp = Path(tmp_name)
-        up = free_port()
+        up, up_h2 = free_port(), free_port()
         upstream = nginx_proc("upstream", configs.upstream_nginx(tmp / "up", up), up, None, tmp).start()
+        upstream_h2 = None
         try:
-            counted = {system: count(system, args.requests, tmp, up) for system in systems}
+            if "sidecar-h2" in systems:          # an h2c upstream (nginx `listen ... http2`)
+                upstream_h2 = nginx_proc("upstream-h2", configs.upstream_nginx(tmp / "up-h2", up_h2, http2=True),
+                                         up_h2, None, tmp).start()
+            counted = {system: count(system, args.requests, tmp, up_h2 if system == "sidecar-h2" else up)
+                       for system in systems}
         finally:
             upstream.stop()
+            if upstream_h2 is not None:
+                upstream_h2.stop()
     base = counted.get("aiohttp")
     print(f"instructions per request ({args.requests} requests, {CONNECTIONS} connections, user space only)")
     for system, n in counted.items():
