@@ -163,7 +163,7 @@ class H2Server(H2Peer):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._opened += 1
         self._recent[sid] = loop.time()
         if len(self._recent) > 2 * MAX_STREAMS:
@@ -273,9 +273,10 @@ class H2Server(H2Peer):
             if not body and not trailers:
                 self.send_headers(sid, head, end_stream=True)    # gRPC trailers-only answers too
                 return
-            self.send_headers(sid, head)
+            # HEADERS, DATA and trailers of a whole answer in one write, as far as the window allows
+            self.send_headers(sid, head, flush=not body)
             if body:
-                await self.send_data(sid, body, end_stream=not trailers)
+                await self.send_data(sid, body, end_stream=not trailers, flush=not trailers)
             if trailers:
                 self.send_headers(sid, fields(trailers), end_stream=True)
             return

@@ -200,7 +200,7 @@ class Transport:
                     async with asyncio.timeout_at(deadline):
                         proto, reused = await pool.acquire(origin, fresh=fresh)
                 try:
-                    resp = await _exchange(pool, origin, proto, method, head, body, streamed, chunked,
+                    resp = await _exchange(loop, pool, origin, proto, method, head, body, streamed, chunked,
                                            read_idle, deadline)
                 except STALE_CONNECTION:
                     if not (reused and again):
@@ -311,14 +311,15 @@ def _head(method: str, url: URL, headers: CIMultiDict, body, streamed: bool) -> 
     return serialize_headers(f"{method} {url.raw_path_qs or '/'} HTTP/1.1", headers), False
 
 
-async def _exchange(pool: Pool, origin: Origin, proto: ResponseHandler, method: str, head: bytes,
-                    body, streamed: bool, chunked: bool, read_idle: float, deadline: float) -> Response:
+async def _exchange(loop: asyncio.AbstractEventLoop, pool: Pool, origin: Origin, proto: ResponseHandler,
+                    method: str, head: bytes, body, streamed: bool, chunked: bool, read_idle: float,
+                    deadline: float) -> Response:
     """Write the request on `proto` and wait for the response head until `deadline`; the connection
     goes back to the pool (or is closed) when this fails, else when the `Response` is released."""
     writer: asyncio.Task | None = None
     # The head's deadline is a timer that fails the protocol's read (no asyncio.timeout frame per
     # request); once the head is in, the body is bounded by the protocol's idle `read_timeout`.
-    timer = asyncio.get_running_loop().call_at(deadline, _head_deadline, proto)
+    timer = loop.call_at(deadline, _head_deadline, proto)
     try:
         proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
                                   read_timeout=read_idle, read_bufsize=READ_BUFSIZE,

@@ -232,7 +232,7 @@ class H2Client(H2Peer):
                 *fields(headers)]
         if headers.get("content-type", "").startswith("application/grpc"):
             head.append((b"te", b"trailers"))  # gRPC over HTTP/2 requires it (PROTOCOL-HTTP2.md)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         stream = _Stream(loop.create_future(), FlowBody(lambda n: self._ack(sid, n)))
         self.streams[sid] = stream
         try:
@@ -286,6 +286,8 @@ class H2Client(H2Peer):
             stream.body.set_exception(StreamGone("stream cancelled"))
             stream.body.read_nowait()       # credit back for what arrived unread
             self.reset(sid, h2.errors.ErrorCodes.CANCEL)
+        else:
+            stream.body.read_nowait()       # ended both ways: credit back for anything left unread
         if self.draining and not self.streams:
             self.close()
         self._on_change(self)

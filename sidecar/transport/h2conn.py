@@ -93,7 +93,9 @@ class FlowBody:
             waiter.set_result(None)
 
     def is_eof(self) -> bool:
-        return self._eof and not self._chunks
+        """The stream ended (END_STREAM came), whether or not all of it was read -- aiohttp's
+        `StreamReader.is_eof`: a body whole at its head is then taken at once (pipeline/send.py)."""
+        return self._eof
 
     def exception(self) -> BaseException | None:
         return self._exc
@@ -142,7 +144,10 @@ class H2Peer(asyncio.Protocol):
         self.closed = False
         self._paused: asyncio.Future | None = None          # the socket's write buffer is full
         self._window: dict[int, asyncio.Future] = {}       # senders waiting for flow-control credit
-        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        # The loop it was made in, kept: `asyncio.get_running_loop()` costs a getpid() syscall on
+        # Python 3.11, and the request path would ask for it several times per stream.
+        self.loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future = self.loop.create_future()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -233,8 +238,10 @@ class H2Peer(asyncio.Protocol):
         if paused is not None:
             await paused
 
-    async def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
-        """Send `data` as the peer's flow-control windows allow; waits for credit (RFC 9113 §5.2)."""
+    async def send_data(self, stream_id: int, data: bytes, end_stream: bool = False, flush: bool = True) -> None:
+        """Send `data` as the peer's flow-control windows allow; waits for credit (RFC 9113 §5.2).
+        `flush=False`: the last frame stays queued for the caller's next frame (trailers) to go in
+        the same write; anything queued still goes out before a wait for credit."""
         view = memoryview(data)
         while True:
             if self.closed:
@@ -244,6 +251,7 @@ class H2Peer(asyncio.Protocol):
             except h2.exceptions.StreamClosedError as exc:
                 raise StreamGone("stream closed") from exc
             if window <= 0 and len(view):
+                self.flush()                 # what is queued (this stream's HEADERS) goes before the wait
                 fut = self._window.get(stream_id)
                 if fut is None:
                     fut = self._window[stream_id] = asyncio.get_running_loop().create_future()
@@ -255,7 +263,8 @@ class H2Peer(asyncio.Protocol):
                 self.conn.send_data(stream_id, view[:size].tobytes(), end_stream=end_stream and last)
             except h2.exceptions.StreamClosedError as exc:
                 raise StreamGone("stream closed") from exc
-            self.flush()
+            if flush or not last:
+                self.flush()
             view = view[size:]
             await self.drain()
             if last:
@@ -266,12 +275,16 @@ class H2Peer(asyncio.Protocol):
             if chunk:
                 await self.send_data(stream_id, chunk)
 
-    def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> None:
+    def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool = False,
+                     flush: bool = True) -> None:
+        """`flush=False`: the frame stays queued for the DATA that follows, so that a small answer
+        leaves in one write (one syscall) instead of one per frame."""
         try:
             self.conn.send_headers(stream_id, headers, end_stream=end_stream)
         except h2.exceptions.StreamClosedError as exc:
             raise StreamGone("stream closed") from exc
-        self.flush()
+        if flush:
+            self.flush()
 
     def end_stream(self, stream_id: int) -> None:
         try:

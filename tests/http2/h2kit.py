@@ -18,8 +18,10 @@ from harness import free_port
 
 class H2Upstream:
     def __init__(self, *, max_streams: int = 100, hold: float = 0.0, goaway_at: int | None = None,
-                 drain_at: int | None = None) -> None:
+                 drain_at: int | None = None, trailers: bool = True) -> None:
         self.port = free_port()
+        # False: a small answer leaves as nginx sends one, HEADERS and DATA with END_STREAM in one write
+        self.trailers = trailers
         self.max_streams = max_streams
         self.hold = hold                      # seconds each answer waits (to keep streams concurrent)
         self.goaway_at = goaway_at            # on this request number (once): GOAWAY, that stream unprocessed
@@ -109,6 +111,10 @@ class H2Upstream:
             body = req["body"]
             conn.send_headers(sid, [(":status", "200"), ("x-path", req["headers"].get(":path", "")),
                                     ("x-method", req["headers"].get(":method", ""))])
+            if not self.trailers:
+                conn.send_data(sid, body, end_stream=True)
+                writer.write(conn.data_to_send())
+                return
             offset = 0
             while offset < len(body):
                 window = conn.local_flow_control_window(sid)

@@ -72,6 +72,23 @@ async def test_http1_app_to_h2c_upstream_trailers_dropped(h2_upstream_factory, s
             assert "x-trailer" not in r.headers              # HTTP/1.1 listener: trailers are dropped
 
 
+async def test_a_small_h2c_answer_whole_at_its_head_is_taken_whole(h2_upstream_factory, sidecar_factory, port):
+    """An answer whose END_STREAM came with its head (nginx sends a small one so) is read at once, like
+    a small HTTP/1.1 answer: the app gets it with a Content-Length (HTTP/1.1 and HTTP/2 alike, not
+    chunked), and the upstream's stream, ended both ways, is not reset."""
+    up = await h2_upstream_factory(trailers=False)
+    await sidecar_factory(policy(port, up.url))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{port['reverse']}/whole", data=b"x" * 100) as r:
+            assert r.status == 200 and await r.read() == b"x" * 100
+            assert r.headers["Content-Length"] == "100" and "Transfer-Encoding" not in r.headers
+    async with H2App(port["reverse"]) as app:
+        answer = await app.request("POST", "/whole-h2", b"y" * 50)
+    assert answer["headers"][":status"] == "200" and answer["body"] == b"y" * 50
+    assert answer["headers"]["content-length"] == "50"
+    assert up.resets == 0 and len(up.requests) == 2
+
+
 async def test_http2_both_sides_relays_trailers_and_multiplexes_one_connection(h2_upstream_factory,
                                                                                sidecar_factory, port):
     up = await h2_upstream_factory(hold=0.2)
