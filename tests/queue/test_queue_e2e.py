@@ -266,6 +266,17 @@ async def test_concurrent_writes_are_delivered_in_the_order_they_were_accepted(s
     assert [g["headers"]["idempotency-key"] for g in recorder.got] == order
 
 
+async def drain_through(sc, *replicas) -> None:
+    """Bring `replicas` up until the queue has delivered everything, then down again."""
+    for replica in replicas:
+        await replica.start()
+    try:
+        await until(lambda: sc.runtime.queue.stats()["depth"] == 0)
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
 class Deliveries:
     """A telemetry sink beside the real ones: the records of the queue's delivery attempts."""
 
@@ -303,13 +314,7 @@ async def test_a_balanced_upstreams_writes_go_to_an_endpoint_with_its_own_key(si
         status, _, body = await post(port, n)
         assert status == 202, body
         keys.append(json.loads(body)["idempotency_key"])
-    await a.start()
-    await b.start()
-    try:
-        await until(lambda: sc.runtime.queue.stats()["depth"] == 0)
-    finally:
-        await a.stop()
-        await b.stop()
+    await drain_through(sc, a, b)
     # round-robin: two writes each, every one with that replica's own key (none refused with a 401)
     for replica, key in ((a, "key-a"), (b, "key-b")):
         assert [r["headers"].get("Authorization") for r in replica.requests] == [f"Bearer {key}"] * 2
@@ -363,13 +368,7 @@ async def test_a_delivery_that_finds_every_endpoint_ejected_records_the_panic(si
     panicked = lambda: [rec for rec in deliveries.records
                         if any(d.decision.value == "balancer_panic" for d in rec.decisions)]
     await until(lambda: panicked())
-    await a.start()
-    await b.start()
-    try:
-        await until(lambda: sc.runtime.queue.stats()["depth"] == 0)
-    finally:
-        await a.stop()
-        await b.stop()
+    await drain_through(sc, a, b)
     assert [g["body"]["n"] for g in recorder.got] == [0]
     rec = panicked()[0]
     assert [(d.decision.value, d.upstream) for d in rec.decisions] == [
