@@ -12,17 +12,11 @@ from sidecar.core.authority import authority
 from sidecar.exchange.body import RequestBody
 from sidecar.exchange.types import Call, Exchange
 from sidecar.policy.model import Upstream
+from sidecar.telemetry.records import url_text
 
 # A streamed answer may pause this long between chunks before the try counts as cut (at least the
 # route's timeout).
 MIN_READ_IDLE = 30.0
-
-
-def redact_url(url: URL) -> str:
-    """The URL for traces: without credentials."""
-    if url.user or url.password:
-        url = url.with_user(None)
-    return str(url)
 
 
 # Parsed URLs by their text: an app calls the same few paths over and over, and parsing one costs more
@@ -51,7 +45,7 @@ def record_url(url: URL) -> str | URL:
     credentials (its text is made only for a span that is exported), else its text without them."""
     if url.raw_user is None and url.raw_password is None:
         return url
-    return redact_url(url)
+    return url_text(url)
 
 
 def upstream_url(up: Upstream, path_qs: str) -> URL:

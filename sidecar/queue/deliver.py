@@ -24,7 +24,7 @@ from sidecar.core.decisions import Decision, DecisionRecord
 from sidecar.core.endpoints import (ALL_UNHEALTHY, NONE_USABLE, EndpointEvent, EndpointSet, EndpointState,
                                     cooling_reason)
 from sidecar.core.retry import parse_retry_after
-from sidecar.exchange.calls import MIN_READ_IDLE, host_header, redact_url, upstream_url
+from sidecar.exchange.calls import MIN_READ_IDLE, host_header, record_url, upstream_url
 from sidecar.exchange.context import Context, Target
 from sidecar.exchange.records import request_record
 from sidecar.exchange.types import record_decision
@@ -188,7 +188,7 @@ async def attempt(ctx: Context, item: Item, request: Request, route: Route | Non
         target, url, hostname = ept, ept.url(item.path), ept.server_hostname
         headers = ept.with_headers(headers)      # its Host and own headers: secrets from the policy
     try_rec = TryRecord(span_id=new_span_id(), upstream=item.target, method=item.method,
-                        url=redact_url(url), server_address=url.host or "", server_port=url.port or 0,
+                        url=record_url(url), server_address=url.host or "", server_port=url.port or 0,
                         start_ns=time.time_ns(), resend_count=resend_count,
                         endpoint=None if ep is None else ep.key)
     record = request_record(ctx, route=item.route, listener="queue", method=item.method, url=try_rec.url,
@@ -261,7 +261,7 @@ def _unsent(ctx: Context, item: Item, url: URL, unsent: Unsent,
     """An attempt with no endpoint to go to: a failed attempt that sent nothing (its record has no
     try; its URL is the upstream's own), tried again with the queue's backoff (not before a cooldown
     ends), and no verdict for the breaker."""
-    record = request_record(ctx, route=item.route, listener="queue", method=item.method, url=redact_url(url),
+    record = request_record(ctx, route=item.route, listener="queue", method=item.method, url=record_url(url),
                             parent=(item.trace_id or new_trace_id(), item.span_id, True), upstream=item.target)
     _note(ctx, record, item.target, notes)
     record.error_type = unsent.kind.value
